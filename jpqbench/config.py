@@ -1,0 +1,113 @@
+"""The typed benchmark configuration, validated once at workflow start.
+
+``config/config.yaml`` (the embedded grid) and ``config/paper.yaml`` (the papers' grid) are
+read into :class:`BenchConfig`. Unknown keys and out-of-range values are rejected with a
+message naming the key, so a typo never silently falls back to a default. The Snakefile,
+the CLI and the tests all go through :func:`load_config` / :func:`validate_config`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jpqbench.errors import UserError
+
+BudgetMetric = Literal["bops", "size"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainRecipe(_Strict):
+    """One dataset's training recipe; the same for every method (the comparison contract)."""
+
+    model: str = Field(description="model zoo name (`jpqbench list models`)")
+    pretrain_epochs: int = Field(ge=1, description="epochs of FP32 pretraining")
+    epochs: int = Field(ge=1, description="epochs every method gets for compression + fine-tuning")
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, description="peak learning rate of pretraining")
+    finetune_lr: float = Field(gt=0, description="peak learning rate during compression")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+
+
+class BenchConfig(_Strict):
+    """The grid: datasets x methods x budgets x seeds, plus where results go."""
+
+    experiment: str = "jpqbench"
+    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<project>/mlflow.db; "
+                                                       "MLFLOW_TRACKING_URI overrides both")
+    data_root: str = "data"
+    results_root: str = "results"
+    seeds: list[int] = Field(min_length=1)
+    budget_metric: BudgetMetric = "bops"
+    budgets: list[float] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    datasets: dict[str, TrainRecipe] = Field(min_length=1)
+    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, budgets: list[float]) -> list[float]:
+        for budget in budgets:
+            check_budget(budget)
+        return budgets
+
+
+def check_budget(target: float) -> float:
+    """A budget is a fraction of the FP32 cost, strictly between 0 and 1."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"budget {target} is out of range: a budget is a fraction of the FP32 cost, "
+                         f"strictly between 0 and 1 (e.g. 0.05 for 5 %)")
+    return target
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchConfig:
+    """Validate a raw mapping (as Snakemake's ``config``) and check names against the registries."""
+    from jpqbench.registry import DATASETS, METHODS, MODELS
+
+    try:
+        config = BenchConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_format_errors(error, source),
+                        "correct the keys above; the schema is jpqbench/config.py (BenchConfig)") from None
+    for method in config.methods:
+        METHODS.get(method)
+    for method in config.method_params:
+        if method not in config.methods:
+            raise UserError(f"invalid config {source}: method_params.{method} names a method not in `methods`",
+                            f"add {method!r} to `methods` or remove its parameters")
+    for dataset, recipe in config.datasets.items():
+        DATASETS.get(dataset)
+        MODELS.get(recipe.model)
+    return config
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist", "pass an existing YAML file, e.g. config/config.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} does not hold a mapping", "see config/config.yaml for the layout")
+    return validate_config(raw, str(path))

@@ -1,0 +1,101 @@
+"""The data contract between dataset plugins and the harness.
+
+A dataset plugin is a function registered with ``@register_dataset(name)`` that returns a
+:class:`DataBundle`. The bundle carries three disjoint splits:
+
+* ``train`` -- what methods train on;
+* ``val``   -- carved from the *training* data, used for any selection a method makes
+  (RL rewards, calibration checks, early decisions). Never the test split;
+* ``test``  -- touched once, at the end of a run, by the harness (``evaluate``).
+
+Small datasets hold tensors in memory (:class:`TensorSplit`) and are served in whole
+batches through a ``DataLoader`` with a batch sampler, which keeps the per-step Python
+overhead near zero. Large datasets (CIFAR-10 from disk, ImageNet) are ordinary
+``torch.utils.data.Dataset`` objects.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+
+class TensorSplit(Dataset):
+    """An in-memory split; ``__getitems__`` lets the DataLoader fetch a whole batch at once."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.inputs = inputs
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.inputs[idx], self.targets[idx]
+
+
+def _identity(batch):
+    return batch
+
+
+@dataclass
+class DataBundle:
+    """Everything a run needs to know about a dataset."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension (C, H, W)
+    default_model: str
+    fingerprint: str = ""  # hash of the prepared files, logged with every run
+    train_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = field(default=None, repr=False)
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False,
+               generator: torch.Generator | None = None) -> DataLoader:
+        """A deterministic loader: with ``shuffle`` the order comes from ``generator`` only."""
+        dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        if hasattr(dataset, "__getitems__"):
+            return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity)
+        return DataLoader(dataset, batch_sampler=batches)
+
+
+def fingerprint_tensors(*tensors: torch.Tensor) -> str:
+    """A short content hash of tensors, for the ``data_hash`` tag of every run."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class DatasetPlugin:
+    """Base class of a dataset plugin (one file in ``datasets/``).
+
+    ``prepare`` puts the data on disk under ``root`` (downloading where the dataset is
+    downloadable and the machine is online; writing it when the dataset is embedded);
+    ``load`` reads it back into a :class:`DataBundle` and raises
+    :class:`jpqbench.errors.UserError` naming the missing file and the command that makes it.
+    """
+
+    default_model: str = ""
+    embedded: bool = False  # True when prepare() needs no network
+
+    def prepare(self, root) -> None:  # root: pathlib.Path
+        raise NotImplementedError
+
+    def load(self, root) -> DataBundle:
+        raise NotImplementedError

@@ -1,0 +1,139 @@
+"""Decorator registries for methods, datasets and models, with plugin discovery.
+
+Modelled on timm's model registry and benchopt's one-file solvers: a plugin is one file
+that calls ``@register_method("name")`` (or ``register_dataset`` / ``register_model``).
+No central list is edited to add one.
+
+Where plugins come from, in order:
+
+1. the project's plugin folders ``methods/`` and ``datasets/`` (next to the package in a
+   source checkout), loaded by file path -- they are deliberately *not* importable
+   packages, because a top-level package called ``datasets`` would shadow the popular
+   package of that name;
+2. extra folders listed in the environment variable ``JPQBENCH_PLUGIN_PATH``
+   (``os.pathsep``-separated), for a user's own methods kept outside the repository;
+3. installed third-party packages that declare an entry point in the groups
+   ``jpqbench.methods`` / ``jpqbench.datasets`` (the entry point names a module; importing
+   it registers its plugins).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Generic, Iterator, TypeVar
+
+from jpqbench.errors import UserError
+
+T = TypeVar("T")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_PATH_ENV = "JPQBENCH_PLUGIN_PATH"
+
+
+class Registry(Generic[T]):
+    """A name -> object table filled by a decorator."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._origin: dict[str, str] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@registry.register("name")`` stores the decorated object."""
+
+        def decorator(obj: T) -> T:
+            origin = getattr(obj, "__module__", "?")
+            if name in self._items and self._origin[name] != origin:
+                raise UserError(
+                    f"two {self.kind}s are registered as {name!r} "
+                    f"({self._origin[name]} and {origin})",
+                    f"rename one of them; {self.kind} names must be unique",
+                )
+            self._items[name] = obj
+            self._origin[name] = origin
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        discover_plugins()
+        if name not in self._items:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise UserError(
+                f"unknown {self.kind} {name!r}",
+                f"use one of: {known} (see `jpqbench list {self.kind}s`)",
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        discover_plugins()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        discover_plugins()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+METHODS: Registry = Registry("method")
+DATASETS: Registry = Registry("dataset")
+MODELS: Registry = Registry("model")
+
+register_method = METHODS.register
+register_dataset = DATASETS.register
+register_model = MODELS.register
+
+_discovered = False
+
+
+def plugin_dirs() -> list[Path]:
+    """The folders searched for one-file plugins, in load order."""
+    dirs = [PROJECT_ROOT / "methods", PROJECT_ROOT / "datasets"]
+    extra = os.environ.get(PLUGIN_PATH_ENV, "")
+    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+def _load_file(path: Path) -> None:
+    module_name = f"jpqbench_plugins.{path.parent.name}.{path.stem}"
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - not a python file
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[module_name]
+        raise
+
+
+def discover_plugins() -> None:
+    """Import every plugin once (idempotent)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    importlib.import_module("jpqbench.models")  # built-in model zoo registers itself
+    for folder in plugin_dirs():
+        if not folder.is_dir():
+            if str(folder) in os.environ.get(PLUGIN_PATH_ENV, ""):
+                raise UserError(
+                    f"plugin folder {folder} listed in {PLUGIN_PATH_ENV} does not exist",
+                    f"create it or remove it from {PLUGIN_PATH_ENV}",
+                )
+            continue
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                _load_file(path)
+    for group in ("jpqbench.methods", "jpqbench.datasets"):
+        for entry_point in importlib.metadata.entry_points(group=group):
+            entry_point.load()
