@@ -1,0 +1,157 @@
+"""CIFAR-10, read through ``torchvision.datasets.CIFAR10`` exactly as on a user's machine.
+
+``prepare`` asks torchvision to download and extract the official archive into
+``root/cifar-10-batches-py``; ``load`` reads it with ``download=False``, so the benchmark
+never touches the network mid-run.
+
+Splits:
+
+* ``train`` -- the 50,000 training images minus the validation images, with the standard
+  augmentation (random 32x32 crop of the image zero-padded by 4, random horizontal flip);
+* ``val``   -- a fixed, stratified 10 % (5,000 images) of the *training* batches, chosen
+  with seed 0 -- not the run seed -- so every method and seed selects on the same images;
+* ``test``  -- the official ``test_batch`` (10,000 images).
+
+All splits are normalised with the usual CIFAR-10 channel mean/std of the training set.
+The images stay in memory as uint8 (about 180 MB for all of CIFAR-10) and are converted
+per batch, which is much faster than torchvision's PIL round trip per image.
+
+Checksums: torchvision checks the md5 of every batch file against the official ones and
+refuses anything else. That is what a user wants, and it is the default. A test cannot
+reproduce the official md5s with a tiny dataset in the same format, so the plugin takes
+``verify_checksums=False``: then it reads through :class:`_UncheckedCIFAR10`, a subclass
+whose file lists carry no md5, which torchvision's own ``check_integrity`` treats as
+"the file must exist" -- every byte is still read by torchvision's real code.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10
+from torchvision.transforms import v2
+
+from jpqbench.data import DataBundle, DatasetPlugin, fingerprint_tensors
+from jpqbench.errors import UserError
+from jpqbench.registry import register_dataset
+
+PREPARE_COMMAND = "jpqbench prepare --dataset cifar10"
+ARCHIVE_URL = CIFAR10.url
+SPLIT_SEED = 0
+VAL_FRACTION = 0.1  # of the 50,000 training images
+NUM_CLASSES = 10
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)  # per-channel std over all training pixels
+
+_NORMALISE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+_AUGMENT = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+
+
+class _UncheckedCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 with no md5 in its file lists: files must exist, any content is read."""
+
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class CifarImages(Dataset):
+    """uint8 (N, 3, 32, 32) ``images`` and int64 ``targets`` served as normalised float32.
+
+    ``__getitems__`` hands the DataLoader a whole batch. ``augment`` (the train split only)
+    runs per image, so each image gets its own crop and flip; torchvision's random transforms
+    draw from torch's global RNG, which a run seeds, and the loader runs in the main process,
+    so the draws are reproducible.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor,
+                 augment: v2.Transform | None = None) -> None:
+        self.images = images
+        self.targets = targets
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.__getitems__([index])
+        return images[0], targets[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        images = self.images[idx]
+        if self.augment is not None:
+            images = torch.stack([self.augment(image) for image in images])
+        return _NORMALISE(images), self.targets[idx]
+
+
+def _manual_fix(root: Path) -> str:
+    return (f"run `{PREPARE_COMMAND}` on a machine with internet access, or download {ARCHIVE_URL}, "
+            f"extract it and place its folder {CIFAR10.base_folder} under {root}")
+
+
+@register_dataset("cifar10")
+class Cifar10(DatasetPlugin):
+    """CIFAR-10 from torchvision's on-disk format (``cifar-10-batches-py``)."""
+
+    default_model = "resnet8"
+    embedded = False
+
+    def __init__(self, verify_checksums: bool = True) -> None:
+        """``verify_checksums=False`` accepts files that are not the official release (tests)."""
+        self.verify_checksums = verify_checksums
+
+    @property
+    def _reader(self) -> type[CIFAR10]:
+        return CIFAR10 if self.verify_checksums else _UncheckedCIFAR10
+
+    def prepare(self, root: Path) -> None:
+        """Download and extract the archive (torchvision skips it when valid files are there)."""
+        root = Path(root)
+        try:
+            self._reader(root, train=True, download=True)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad md5 a RuntimeError
+            raise UserError(f"downloading CIFAR-10 into {root} failed: {exc}", _manual_fix(root)) from exc
+
+    def load(self, root: Path) -> DataBundle:
+        """Read both parts through torchvision and carve the fixed validation split."""
+        root = Path(root)
+        folder = root / CIFAR10.base_folder
+        names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"CIFAR-10 is not at {folder} (missing: {', '.join(missing)})", _manual_fix(root))
+
+        train_images, train_targets = self._read(root, train=True)
+        test_images, test_targets = self._read(root, train=False)
+        _, val_index = train_test_split(np.arange(len(train_targets)), test_size=VAL_FRACTION,
+                                        stratify=train_targets.numpy(), random_state=SPLIT_SEED)
+        is_val = torch.zeros(len(train_targets), dtype=torch.bool)
+        is_val[torch.from_numpy(val_index)] = True
+
+        return DataBundle(
+            name="cifar10",
+            train=CifarImages(train_images[~is_val], train_targets[~is_val], augment=_AUGMENT),
+            val=CifarImages(train_images[is_val], train_targets[is_val]),
+            test=CifarImages(test_images, test_targets),
+            num_classes=NUM_CLASSES,
+            input_shape=(3, 32, 32),
+            default_model=self.default_model,
+            fingerprint=fingerprint_tensors(train_images, train_targets, test_images, test_targets, is_val),
+        )
+
+    def _read(self, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One part as uint8 (N, 3, 32, 32) images and int64 targets."""
+        folder = root / CIFAR10.base_folder
+        try:
+            dataset = self._reader(root, train=train, download=False)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            # The files exist (checked by the caller), so torchvision failed on their content.
+            raise UserError(f"CIFAR-10 files under {folder} are corrupted or not the official release ({exc})",
+                            f"delete the folder {folder} and re-run `{PREPARE_COMMAND}`") from exc
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC
+        return images, torch.tensor(dataset.targets, dtype=torch.int64)
