@@ -100,6 +100,8 @@ class Cifar10(DatasetPlugin):
 
     default_model = "resnet8"
     embedded = False
+    num_classes = NUM_CLASSES
+    input_shape = (3, 32, 32)
 
     def __init__(self, verify_checksums: bool = True) -> None:
         """``verify_checksums=False`` accepts files that are not the official release (tests)."""
@@ -138,8 +140,8 @@ class Cifar10(DatasetPlugin):
             train=CifarImages(train_images[~is_val], train_targets[~is_val], augment=_AUGMENT),
             val=CifarImages(train_images[is_val], train_targets[is_val]),
             test=CifarImages(test_images, test_targets),
-            num_classes=NUM_CLASSES,
-            input_shape=(3, 32, 32),
+            num_classes=self.num_classes,
+            input_shape=self.input_shape,
             default_model=self.default_model,
             fingerprint=fingerprint_tensors(train_images, train_targets, test_images, test_targets, is_val),
         )

@@ -92,6 +92,8 @@ class Digits(DatasetPlugin):
 
     default_model = "digits_cnn"
     embedded = True
+    num_classes = NUM_CLASSES
+    input_shape = (1, 8, 8)
 
     def prepare(self, root: Path) -> None:
         """Write the images, labels and fixed split to ``root/digits.npz`` plus the manifest."""
@@ -135,8 +137,8 @@ class Digits(DatasetPlugin):
             train=part(TRAIN),
             val=part(VAL),
             test=part(TEST),
-            num_classes=NUM_CLASSES,
-            input_shape=(1, 8, 8),
+            num_classes=self.num_classes,
+            input_shape=self.input_shape,
             default_model=self.default_model,
             fingerprint=hashlib.sha256(manifest_text.encode()).hexdigest()[:16],
         )

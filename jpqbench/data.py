@@ -16,9 +16,7 @@ overhead near zero. Large datasets (CIFAR-10 from disk, ImageNet) are ordinary
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Callable
-
+from dataclasses import dataclass
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -26,13 +24,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 class TensorSplit(Dataset):
     """An in-memory split; ``__getitems__`` lets the DataLoader fetch a whole batch at once."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor,
-                 transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None) -> None:
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
         self.inputs = inputs
         self.targets = targets
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -61,7 +57,6 @@ class DataBundle:
     input_shape: tuple[int, ...]  # one sample, without the batch dimension (C, H, W)
     default_model: str
     fingerprint: str = ""  # hash of the prepared files, logged with every run
-    train_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = field(default=None, repr=False)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:
@@ -93,6 +88,8 @@ class DatasetPlugin:
 
     default_model: str = ""
     embedded: bool = False  # True when prepare() needs no network
+    num_classes: int = 0
+    input_shape: tuple[int, ...] = ()  # one sample, (C, H, W): lets `jpqbench cost` run without the data
 
     def prepare(self, root) -> None:  # root: pathlib.Path
         raise NotImplementedError

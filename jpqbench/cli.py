@@ -1,0 +1,218 @@
+"""The ``jpqbench`` command line. Every Snakemake rule calls one of these subcommands.
+
+    jpqbench list methods|datasets|models
+    jpqbench prepare   --dataset D
+    jpqbench pretrain  --dataset D --seed S [--out CKPT]
+    jpqbench run       --method M --dataset D [--budget 0.05 --budget-metric bops|size] --seed S
+                       [--epochs N] [--checkpoint CKPT] [--out DIR]
+    jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
+    jpqbench init-tracking [--marker FILE]
+    jpqbench aggregate [--out results/summary.csv]
+    jpqbench report    [--summary results/summary.csv] [--out results/report]
+
+All commands take ``--config`` (default ``config/config.yaml``). A user mistake prints
+``error: <problem>`` and ``fix: <what to do>`` and exits with status 2; a run that fails
+inside (divergence) exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jpqbench.errors import UserError
+
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+def _config(args: argparse.Namespace):
+    from jpqbench.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from jpqbench.registry import DATASETS, METHODS, MODELS
+
+    registry = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}[args.what]
+    for name in registry.names():
+        obj = registry.get(name)
+        summary = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+        print(f"{name:24s} {summary}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from jpqbench.registry import DATASETS
+
+    config = _config(args)
+    root = Path(config.data_root) / args.dataset
+    DATASETS.get(args.dataset)().prepare(root)
+    print(f"prepared {args.dataset} in {root}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from jpqbench.runner import default_checkpoint, pretrain
+
+    config = _config(args)
+    if args.dataset not in config.datasets:
+        raise UserError(f"dataset {args.dataset!r} is not in {args.config}", f"use one of: {', '.join(config.datasets)}")
+    out = Path(args.out) if args.out else default_checkpoint(config, args.dataset, args.seed)
+    result = pretrain(config, args.dataset, args.seed, out)
+    print(f"pretrained {out}: val top-1 {result['val_top1']:.4f}")
+
+
+def _budget(args: argparse.Namespace):
+    from jpqbench.methods_api import Budget
+
+    return None if args.budget is None else Budget(args.budget_metric, args.budget)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, pretrain, run
+
+    config = _config(args)
+    if args.dataset not in config.datasets:
+        raise UserError(f"dataset {args.dataset!r} is not in {args.config}", f"use one of: {', '.join(config.datasets)}")
+    budget = _budget(args)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(config, args.dataset, args.seed)
+    if not args.checkpoint and not checkpoint.exists():
+        print(f"no FP32 checkpoint at {checkpoint}: pretraining it first", file=sys.stderr)
+        pretrain(config, args.dataset, args.seed, checkpoint)
+    out = Path(args.out) if args.out else default_run_dir(config, args.dataset, args.method, budget, args.seed)
+    metrics = run(config, RunRequest(args.method, args.dataset, args.seed, budget, checkpoint, out, args.epochs))
+    target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
+    print(f"{args.method} on {args.dataset} (seed {args.seed}, budget {target}): top-1 {metrics['top1']:.4f}, "
+          f"relative BOPs {metrics['relative_bops']:.4f}, relative size {metrics['relative_size']:.4f} "
+          f"({metrics['weight_size_kb']:.2f} kB), target met: {metrics['target_met']}\nwrote {out}")
+
+
+def cmd_cost(args: argparse.Namespace) -> None:
+    from jpqbench.cost import count
+    from jpqbench.plan import CompressionPlan, with_uniform_bits
+    from jpqbench.registry import DATASETS, MODELS
+
+    builder = MODELS.get(args.model)
+    if args.input_shape:
+        input_shape, num_classes = tuple(args.input_shape), args.num_classes
+    else:
+        plugin = DATASETS.get(args.dataset)
+        input_shape, num_classes = tuple(plugin.input_shape), plugin.num_classes
+    model = builder(num_classes, input_shape)
+    if args.plan and (args.w_bits or args.a_bits):
+        raise UserError("--plan and --w-bits/--a-bits are exclusive", "pass either a plan or uniform bit widths")
+    plan = CompressionPlan.load(args.plan) if args.plan else CompressionPlan.dense(model)
+    if args.w_bits or args.a_bits:
+        plan = with_uniform_bits(plan, args.w_bits or 32, args.a_bits or 32)
+    try:
+        report = count(model, input_shape, plan)
+    except ValueError as error:
+        raise UserError(f"plan does not fit model {args.model}: {error}", "pass a plan written for this model") from None
+    figures = report.to_dict()
+    if args.json:
+        print(json.dumps(figures, indent=1))
+    else:
+        for key, value in figures.items():
+            print(f"{key:22s} {value:,.6g}")
+
+
+def cmd_init_tracking(args: argparse.Namespace) -> None:
+    from jpqbench.tracking import init_tracking, tracking_uri
+
+    config = _config(args)
+    experiment_id = init_tracking(config)
+    print(f"MLflow store {tracking_uri(config)}, experiment {config.experiment!r} ({experiment_id})")
+    if args.marker:
+        Path(args.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.marker).write_text(f"{tracking_uri(config)}\n{experiment_id}\n")
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from jpqbench.aggregate import aggregate
+
+    config = _config(args)
+    frame = aggregate(Path(config.results_root) / "runs", Path(args.out), config)
+    print(f"wrote {args.out} ({len(frame)} runs)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from jpqbench.report import render
+
+    html = render(Path(args.summary), Path(args.out))
+    print(f"wrote {html}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jpqbench", description="joint pruning + quantization benchmark harness")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="benchmark config (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="show registered methods, datasets or models")
+    p.add_argument("what", choices=["methods", "datasets", "models"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("prepare", help="put a dataset on disk under the config's data_root")
+    p.add_argument("--dataset", required=True)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="train the shared FP32 checkpoint")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="checkpoint path (default: results/checkpoints/<dataset>/<model>/s<seed>.pt)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("run", help="compress one (method, dataset, budget, seed)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--budget", type=float, help="target cost as a fraction of FP32, in (0, 1)")
+    p.add_argument("--budget-metric", choices=["bops", "size"], default="bops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the config's compression epochs")
+    p.add_argument("--checkpoint", help="FP32 checkpoint (default: the grid's; pretrained if absent)")
+    p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<method>/<budget>/s<seed>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cost", help="MACs, BOPs, weight bits and parameter counts of a model (and plan)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", help="dataset whose input shape and classes to use")
+    p.add_argument("--input-shape", type=int, nargs="+", help="instead of --dataset, e.g. 3 224 224")
+    p.add_argument("--num-classes", type=int, default=1000, help="with --input-shape (default: %(default)s)")
+    p.add_argument("--w-bits", type=int, help="uniform weight bits")
+    p.add_argument("--a-bits", type=int, help="uniform activation bits")
+    p.add_argument("--plan", help="a plan.json written by `jpqbench run`")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("init-tracking", help="create the MLflow store and experiment once")
+    p.add_argument("--marker", help="file to write when done (for Snakemake)")
+    p.set_defaults(func=cmd_init_tracking)
+
+    p = sub.add_parser("aggregate", help="collect every run's metrics.json into one CSV")
+    p.add_argument("--out", default="results/summary.csv")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("report", help="execute the analysis notebook into an HTML report")
+    p.add_argument("--summary", default="results/summary.csv")
+    p.add_argument("--out", default="results/report")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "cost" and not (args.dataset or args.input_shape):
+        print("error: cost needs --dataset or --input-shape\n  fix: e.g. --dataset digits", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"error: {error.problem}\n  fix: {error.fix}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"error: the run diverged: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

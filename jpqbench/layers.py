@@ -1,0 +1,113 @@
+"""Compressible conv/linear layers: the one place where masks and quantizers meet the math.
+
+:func:`make_compressible` swaps every ``nn.Conv2d`` / ``nn.Linear`` of a model for a
+:class:`CompressibleConv2d` / :class:`CompressibleLinear` that *is still* a Conv2d / Linear
+(subclass, same parameters, same state-dict keys plus a few buffers), so torch-pruning's
+dependency graph, the cost counter and user code keep recognising it. Each one carries:
+
+* ``out_mask``        -- 1/0 per output channel (structured pruning);
+* ``weight_quantizer`` -- applied to the weight before the mask (``nn.Identity`` = FP32);
+* ``input_quantizer``  -- applied to the layer's input activation (``nn.Identity`` = FP32).
+
+The effective weight is ``weight_quantizer(W) * out_mask``. The *activation* bit width of a
+layer is the bit width of its input (the tensor its MACs multiply), which is what BOPs need.
+
+BatchNorm layers that follow a pruned channel are masked too (:func:`mask_batchnorm`):
+without that, a pruned channel would still emit BN's bias ``beta`` and could not be removed
+physically without changing the network's function.
+
+Methods with their own quantizer family (learned bit widths, channel-wise mixtures) set
+their own modules as ``weight_quantizer`` / ``input_quantizer``; such a module must expose
+``bits`` -- an ``int``, or a per-output-channel list for weights -- which the plan records.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jpqbench.quant import FLOAT_BITS
+
+
+class _Compressible:
+    """Shared behaviour of the compressible conv and linear layers."""
+
+    out_mask: torch.Tensor
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_compression(self) -> None:
+        self.register_buffer("out_mask", torch.ones(self.weight.shape[0]))
+        self.weight_quantizer: nn.Module = nn.Identity()
+        self.input_quantizer: nn.Module = nn.Identity()
+
+    def effective_weight(self) -> torch.Tensor:
+        mask = self.out_mask.view(-1, *([1] * (self.weight.dim() - 1)))
+        return self.weight_quantizer(self.weight) * mask
+
+    def effective_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias * self.out_mask
+
+    @property
+    def weight_bits(self) -> int | list[int]:
+        return getattr(self.weight_quantizer, "bits", FLOAT_BITS)
+
+    @property
+    def input_bits(self) -> int:
+        return int(getattr(self.input_quantizer, "bits", FLOAT_BITS))
+
+
+class CompressibleConv2d(_Compressible, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
+
+
+class CompressibleLinear(_Compressible, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
+
+
+CompressibleLayer = CompressibleConv2d | CompressibleLinear
+
+
+def _swap_class(module: nn.Module, cls: type) -> None:
+    # Changing __class__ keeps the very same Parameter objects (optimizers, hooks and
+    # state-dict keys stay valid) -- the cheapest faithful "wrap".
+    module.__class__ = cls
+    module._init_compression()
+
+
+def make_compressible(model: nn.Module) -> nn.Module:
+    """Turn every Conv2d/Linear of ``model`` into its compressible twin, in place. Idempotent."""
+    for module in model.modules():
+        if isinstance(module, _Compressible):
+            continue
+        if type(module) is nn.Conv2d:
+            _swap_class(module, CompressibleConv2d)
+        elif type(module) is nn.Linear:
+            _swap_class(module, CompressibleLinear)
+        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+            raise TypeError(f"{type(module).__name__} is not supported by the compressible layers yet")
+    return model
+
+
+def compressible_layers(model: nn.Module) -> dict[str, CompressibleLayer]:
+    """Name -> layer for every compressible layer, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _Compressible)}
+
+
+def _mask_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output * module.channel_mask.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+def mask_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: torch.Tensor) -> None:
+    """Zero the outputs of ``bn`` where ``mask`` is 0 (idempotent; the mask is a buffer)."""
+    if hasattr(bn, "channel_mask"):
+        bn.channel_mask.copy_(mask)
+        return
+    bn.register_buffer("channel_mask", mask.clone().float())
+    bn.register_forward_hook(_mask_output)
+
+
+def output_channels(layer: nn.Module) -> int:
+    return layer.weight.shape[0]

@@ -1,0 +1,161 @@
+"""What a method plugin sees: :class:`Method`, :class:`Budget`, :class:`RunContext`, :class:`Compressed`.
+
+A method is one file in ``methods/``::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        '''What it is, the paper, and every choice the paper leaves open.'''
+
+        class Hparams(Method.Hparams):
+            bits: int = 4
+
+        def compress(self, model, budget, ctx):
+            ...                                   # mask / quantize / train through ctx
+            return Compressed(model, plan_from_model(model, self.name))
+
+The harness owns everything that is the same for all methods: the data, the FP32 start,
+the training loop (``ctx.train``), the epoch budget, the cost counter (``ctx.cost``),
+checking the plan, evaluation and logging. ``ctx.train`` refuses to spend more epochs than
+the run's budget, so every method gets the same training recipe; work outside it (an RL
+search) is timed with ``ctx.search_timer()`` and reported as search cost.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from jpqbench.config import BudgetMetric, TrainRecipe, check_budget
+from jpqbench.cost import CostReport, count
+from jpqbench.data import DataBundle
+from jpqbench.errors import UserError
+from jpqbench.plan import CompressionPlan
+from jpqbench.registry import METHODS
+from jpqbench.train import TrainHooks, TrainResult, TrainSpec, fit
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost target as a fraction of the FP32 model's cost (``metric`` = "bops" or "size")."""
+
+    metric: BudgetMetric
+    target: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("bops", "size"):
+            raise UserError(f"unknown budget metric {self.metric!r}", "use --budget-metric bops or size")
+        try:
+            check_budget(self.target)
+        except ValueError as error:
+            raise UserError(str(error), "pass --budget as a fraction, e.g. --budget 0.05") from None
+
+    @property
+    def key(self) -> str:
+        """The run-directory name of this budget, e.g. ``bops-0.05``."""
+        return f"{self.metric}-{self.target:g}"
+
+
+@dataclass
+class Compressed:
+    model: nn.Module
+    plan: CompressionPlan
+
+
+@dataclass
+class RunContext:
+    """Everything a method may use; built by the harness for one run."""
+
+    data: DataBundle
+    recipe: TrainRecipe
+    epochs: int
+    seed: int
+    work_dir: Path
+    log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
+    epochs_used: int = 0
+    search_s: float = 0.0
+    train_results: list[TrainResult] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.data.input_shape
+
+    def cost(self, model: nn.Module, plan: CompressionPlan | None = None) -> CostReport:
+        """The harness's one cost counter (the same that reports the run)."""
+        return count(model, self.input_shape, plan)
+
+    def train(self, model: nn.Module, epochs: int, phase: str, hooks: TrainHooks | None = None,
+              lr: float | None = None) -> TrainResult:
+        """Train for ``epochs`` epochs of the run's budget, with checkpoints under ``work_dir``.
+
+        ``phase`` names the stage (it keys the checkpoint and the logged metrics); a phase that
+        already finished in an earlier, interrupted invocation is restored, not retrained.
+        """
+        if epochs <= 0:
+            return TrainResult()
+        if self.epochs_used + epochs > self.epochs:
+            raise RuntimeError(f"phase {phase!r} asks for {epochs} epochs but only "
+                               f"{self.epochs - self.epochs_used} of the run's {self.epochs} are left")
+        self.epochs_used += epochs
+        spec = TrainSpec(epochs=epochs, lr=lr or self.recipe.finetune_lr, batch_size=self.recipe.batch_size,
+                         optimizer=self.recipe.optimizer, momentum=self.recipe.momentum,
+                         weight_decay=self.recipe.weight_decay, max_steps_per_epoch=self.recipe.max_steps_per_epoch)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        result = fit(model, self.data, spec, seed=self.seed, phase=phase,
+                     checkpoint=self.work_dir / f"{phase}.pt", hooks=hooks, log=self.log_metrics)
+        self.train_results.append(result)
+        return result
+
+    def calibration_batches(self, n_batches: int = 8) -> Iterator[torch.Tensor]:
+        """Deterministic batches of *training* inputs for calibration (never the test split)."""
+        loader = self.data.loader("train", self.recipe.batch_size, shuffle=True,
+                                  generator=torch.Generator().manual_seed(self.seed))
+        for index, (inputs, _) in enumerate(loader):
+            if index >= n_batches:
+                break
+            yield inputs
+
+    @contextmanager
+    def search_timer(self) -> Iterator[None]:
+        """Time spent outside the training budget (an RL search), reported as search cost."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.search_s += time.perf_counter() - start
+
+
+class Method:
+    """Base class of a compression method plugin."""
+
+    name: ClassVar[str] = ""
+    takes_budget: ClassVar[bool] = True  # False for references such as fp32
+
+    class Hparams(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **hparams: Any) -> None:
+        try:
+            self.hp = self.Hparams(**hparams)
+        except ValidationError as error:
+            raise UserError(f"invalid hyperparameters for method {self.name!r}: {error}",
+                            f"see the Hparams of methods/{self.name}.py") from None
+
+    def compress(self, model: nn.Module, budget: Budget | None, ctx: RunContext) -> Compressed:
+        raise NotImplementedError
+
+
+def get_method(name: str) -> type[Method]:
+    cls = METHODS.get(name)
+    cls.name = name
+    return cls
+
+
+def method_takes_budget(name: str) -> bool:
+    """Whether the grid runs ``name`` at every budget (False: once per seed, as a reference)."""
+    return get_method(name).takes_budget

@@ -1,0 +1,211 @@
+"""The CompressionPlan: what a method claims it did to each layer, as JSON.
+
+Per compressible (conv/linear) layer the plan records
+
+* ``pruned``     -- indices of the output channels removed by structured pruning;
+* ``w_bits``     -- weight bit width, per layer (int) or per output channel (list; the entry
+  of a pruned channel is ignored); 32 = floating point;
+* ``a_bits``     -- bit width of the layer's *input* activation; 32 = floating point;
+* ``w_sparsity`` -- unstructured weight sparsity among the kept weights (fraction of zeros);
+* ``a_sparsity`` -- unstructured input-activation sparsity (fraction of zeros).
+
+The cost counter computes every figure from a plan and the model's shapes alone
+(:mod:`jpqbench.cost`). Because methods write their own plans, :func:`verify_plan` checks a
+plan against the model that produced it and refuses a plan that lies:
+
+1. every channel the plan calls pruned is exactly zero in the layer's effective weight;
+2. every input channel the counter treats as dead (all of its producers pruned) is exactly
+   zero in the tensor the layer really receives on a batch of data -- this is what proves
+   that BN biases, residual partners and the rest of the dependency group were masked too;
+3. no output channel of the effective weight takes more than ``2**w_bits`` distinct values,
+   and no layer input takes more than ``2**a_bits`` distinct values;
+4. claimed weight sparsity is not above the sparsity of the effective weight.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from jpqbench.errors import UserError
+from jpqbench.layers import compressible_layers
+from jpqbench.quant import FLOAT_BITS
+
+
+@dataclass
+class LayerPlan:
+    out_channels: int
+    pruned: list[int] = field(default_factory=list)
+    w_bits: int | list[int] = FLOAT_BITS
+    a_bits: int = FLOAT_BITS
+    w_sparsity: float = 0.0
+    a_sparsity: float = 0.0
+
+    def channel_bits(self) -> list[int]:
+        """Weight bits of every output channel, 0 for a pruned channel."""
+        bits = self.w_bits if isinstance(self.w_bits, list) else [self.w_bits] * self.out_channels
+        pruned = set(self.pruned)
+        return [0 if c in pruned else int(b) for c, b in enumerate(bits)]
+
+    def kept_mask(self) -> torch.Tensor:
+        mask = torch.ones(self.out_channels, dtype=torch.bool)
+        mask[list(self.pruned)] = False
+        return mask
+
+
+@dataclass
+class CompressionPlan:
+    layers: dict[str, LayerPlan]
+    method: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # ---- JSON round trip -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "notes": self.notes,
+                "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionPlan":
+        return cls(layers={name: LayerPlan(**layer) for name, layer in data["layers"].items()},
+                   method=data.get("method", ""), notes=data.get("notes", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionPlan":
+        path = Path(path)
+        try:
+            plan = cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"plan file {path} does not exist", "pass the plan.json written by `jpqbench run`") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UserError(f"plan file {path} is malformed ({error})",
+                            "regenerate it with `jpqbench run`; see jpqbench/plan.py for the format") from None
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Internal consistency (independent of any model)."""
+        for name, layer in self.layers.items():
+            problems = []
+            if any(not 0 <= c < layer.out_channels for c in layer.pruned):
+                problems.append("pruned channel index out of range")
+            if isinstance(layer.w_bits, list) and len(layer.w_bits) != layer.out_channels:
+                problems.append(f"{len(layer.w_bits)} per-channel bit widths for {layer.out_channels} channels")
+            bits = layer.w_bits if isinstance(layer.w_bits, list) else [layer.w_bits]
+            if any(not 0 <= b <= FLOAT_BITS for b in bits) or not 1 <= layer.a_bits <= FLOAT_BITS:
+                problems.append("bit width outside [0, 32]")
+            if not (0 <= layer.w_sparsity < 1 and 0 <= layer.a_sparsity < 1):
+                problems.append("sparsity outside [0, 1)")
+            if problems:
+                raise UserError(f"plan layer {name!r} is invalid: {'; '.join(problems)}",
+                                "fix the method that wrote it; see jpqbench/plan.py for the format")
+
+    @classmethod
+    def dense(cls, model: nn.Module) -> "CompressionPlan":
+        """The FP32 plan: nothing pruned, every layer at 32 bits."""
+        return cls({name: LayerPlan(out_channels=layer.weight.shape[0])
+                    for name, layer in _conv_linear(model).items()}, method="fp32")
+
+
+def _conv_linear(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def plan_from_model(model: nn.Module, method: str, notes: dict[str, Any] | None = None) -> CompressionPlan:
+    """Read the plan off the masks and quantizers of a compressible model.
+
+    Layers that are plain ``nn.Conv2d`` / ``nn.Linear`` (not made compressible) are FP32.
+    """
+    layers: dict[str, LayerPlan] = {}
+    compressible = compressible_layers(model)
+    for name, module in _conv_linear(model).items():
+        if name not in compressible:
+            layers[name] = LayerPlan(out_channels=module.weight.shape[0])
+            continue
+        w_bits = module.weight_bits
+        layers[name] = LayerPlan(
+            out_channels=module.weight.shape[0],
+            pruned=torch.nonzero(module.out_mask == 0).flatten().tolist(),
+            w_bits=[int(b) for b in w_bits] if isinstance(w_bits, (list, tuple, torch.Tensor)) else int(w_bits),
+            a_bits=module.input_bits,
+        )
+    return CompressionPlan(layers, method=method, notes=notes or {})
+
+
+class PlanMismatch(UserError):
+    """A plan that does not describe its model."""
+
+
+@torch.no_grad()
+def verify_plan(plan: CompressionPlan, model: nn.Module, batch: torch.Tensor) -> None:
+    """Raise :class:`PlanMismatch` unless ``plan`` truthfully describes ``model`` (see module doc)."""
+    from jpqbench.cost import input_liveness
+
+    plan.validate()
+    layers = _conv_linear(model)
+    if set(layers) != set(plan.layers):
+        missing, extra = set(layers) - set(plan.layers), set(plan.layers) - set(layers)
+        raise PlanMismatch(f"plan layers do not match the model (missing {sorted(missing)}, unknown {sorted(extra)})",
+                           "the method must write a plan for exactly the model it returns")
+    alive_inputs = input_liveness(model, tuple(batch.shape[1:]), plan)
+    seen_inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, name=name: seen_inputs.__setitem__(name, _quantized_input(mod, args[0])))
+        for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for name, layer in layers.items():
+        claim = plan.layers[name]
+        weight = layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
+        flat = weight.reshape(weight.shape[0], -1)
+        if claim.pruned and flat[claim.pruned].abs().sum() != 0:
+            raise PlanMismatch(f"layer {name}: channels the plan calls pruned are not zero",
+                               "the method must mask the weights of every pruned channel")
+        dead = ~alive_inputs[name]
+        x = seen_inputs[name]
+        channel_axis = 1
+        if dead.any() and x.movedim(channel_axis, 0)[dead].abs().sum() != 0:
+            raise PlanMismatch(f"layer {name}: input channels that are pruned upstream are not zero at run time",
+                               "mask the whole dependency group (BN after the conv, residual partners)")
+        for channel, bits in enumerate(claim.channel_bits()):
+            if 0 < bits < FLOAT_BITS and torch.unique(flat[channel]).numel() > 2 ** bits:
+                raise PlanMismatch(f"layer {name}: channel {channel} has more than 2**{bits} distinct weight values",
+                                   "the plan's w_bits must be what the weight quantizer does")
+        if claim.a_bits < FLOAT_BITS and torch.unique(x).numel() > 2 ** claim.a_bits:
+            raise PlanMismatch(f"layer {name}: input takes more than 2**{claim.a_bits} distinct values",
+                               "the plan's a_bits must be what the input quantizer does")
+        kept = flat[claim.kept_mask()]
+        if kept.numel() and claim.w_sparsity > (kept == 0).float().mean().item() + 1e-6:
+            raise PlanMismatch(f"layer {name}: claimed weight sparsity {claim.w_sparsity:.3f} is not in the weights",
+                               "report the sparsity the weights really have")
+
+
+def _quantized_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    quantizer = getattr(layer, "input_quantizer", None)
+    return quantizer(x) if quantizer is not None else x
+
+
+def with_uniform_bits(plan: CompressionPlan, w_bits: int, a_bits: int) -> CompressionPlan:
+    """A copy of ``plan`` (same pruning) with every layer at ``w_bits`` / ``a_bits``."""
+    layers = {name: LayerPlan(layer.out_channels, list(layer.pruned), w_bits, a_bits,
+                              layer.w_sparsity, layer.a_sparsity) for name, layer in plan.layers.items()}
+    return CompressionPlan(layers, plan.method, dict(plan.notes))
+
+
+def with_pruned(plan: CompressionPlan, pruned: dict[str, list[int]]) -> CompressionPlan:
+    """A copy of ``plan`` whose pruned channels are ``pruned`` (layers not named: none pruned)."""
+    layers = {name: LayerPlan(layer.out_channels, list(pruned.get(name, [])), layer.w_bits, layer.a_bits,
+                              layer.w_sparsity, layer.a_sparsity) for name, layer in plan.layers.items()}
+    return CompressionPlan(layers, plan.method, dict(plan.notes))

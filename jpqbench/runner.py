@@ -1,0 +1,210 @@
+"""One harness run, start to end: the code behind ``jpqbench pretrain`` and ``jpqbench run``.
+
+A compression run:
+
+1. validates its inputs (method, dataset, budget, checkpoint) before any work;
+2. seeds everything (runs are deterministic on CPU for a seed);
+3. loads the shared FP32 checkpoint and hands it to the method with a :class:`RunContext`;
+4. checks the returned plan against the model (:func:`jpqbench.plan.verify_plan`);
+5. counts the cost with the one counter, evaluates on the test split **once**, and writes
+   ``plan.json``, ``model.pt`` and finally ``metrics.json`` -- each atomically, so an
+   interrupted run never leaves a file that Snakemake would take as done;
+6. mirrors everything into one MLflow run.
+
+Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
+run id): a killed run resumes from its last epoch and ends with the same result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from jpqbench.config import BenchConfig, TrainRecipe
+from jpqbench.data import DataBundle
+from jpqbench.errors import UserError
+from jpqbench.evaluate import evaluate
+from jpqbench.methods_api import Budget, RunContext, get_method
+from jpqbench.plan import verify_plan
+from jpqbench.registry import DATASETS, MODELS
+from jpqbench.tracking import tracked_run
+from jpqbench.train import TrainSpec, fit
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_data(config: BenchConfig, dataset: str) -> DataBundle:
+    if dataset not in config.datasets:
+        raise UserError(f"dataset {dataset!r} is not in the config's `datasets`",
+                        f"add it to the config or use one of: {', '.join(config.datasets)}")
+    plugin = DATASETS.get(dataset)()
+    return plugin.load(Path(config.data_root) / dataset)
+
+
+def build_model(recipe: TrainRecipe, data: DataBundle) -> nn.Module:
+    return MODELS.get(recipe.model)(data.num_classes, data.input_shape)
+
+
+def default_checkpoint(config: BenchConfig, dataset: str, seed: int) -> Path:
+    return Path(config.results_root) / "checkpoints" / dataset / config.datasets[dataset].model / f"s{seed}.pt"
+
+
+def default_run_dir(config: BenchConfig, dataset: str, method: str, budget: Budget | None, seed: int) -> Path:
+    return Path(config.results_root) / "runs" / dataset / method / (budget.key if budget else "reference") / f"s{seed}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[str, Any]:
+    """Train the shared FP32 starting point of (dataset, model, seed); write it to ``out``."""
+    data = load_data(config, dataset)
+    recipe = config.datasets[dataset]
+    seed_everything(seed)
+    model = build_model(recipe, data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(out.stem + ".work")
+    work.mkdir(exist_ok=True)
+    spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+                     optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                     max_steps_per_epoch=recipe.max_steps_per_epoch)
+    tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
+            "data_hash": data.fingerprint}
+    with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", work / "mlflow_run_id", tags) as tracker:
+        tracker.log_params({**recipe.model_dump(), "seed": seed})
+        result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
+                     log=tracker.log_metrics)
+        val = evaluate(model, data, "val", recipe.batch_size)["top1"]
+        tracker.log_metrics({"val_top1": val, "compute_time_s": result.compute_s}, recipe.pretrain_epochs)
+        _atomic_torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
+                            "num_classes": data.num_classes, "input_shape": list(data.input_shape), "seed": seed,
+                            "val_top1": val, "data_hash": data.fingerprint}, out)
+    shutil.rmtree(work)
+    return {"val_top1": val, "compute_time_s": result.compute_s}
+
+
+def load_checkpoint(path: Path, recipe: TrainRecipe, data: DataBundle) -> nn.Module:
+    """Rebuild the FP32 model and load its weights, refusing a checkpoint of something else."""
+    if not path.is_file():
+        raise UserError(f"FP32 checkpoint {path} does not exist",
+                        f"create it with `jpqbench pretrain --dataset {data.name} --seed <seed>`")
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        info = {key: state[key] for key in ("model", "dataset", "state_dict")}
+    except Exception as error:  # noqa: BLE001 -- any unreadable file is the same user problem
+        raise UserError(f"FP32 checkpoint {path} is unreadable or malformed ({type(error).__name__})",
+                        "delete it and run `jpqbench pretrain` again") from None
+    if info["model"] != recipe.model or info["dataset"] != data.name:
+        raise UserError(f"checkpoint {path} holds {info['model']} on {info['dataset']}, "
+                        f"but the run needs {recipe.model} on {data.name}",
+                        "pass the checkpoint pretrained for this dataset and model")
+    model = build_model(recipe, data)
+    try:
+        model.load_state_dict(info["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not fit model {recipe.model}: {str(error)[:300]}",
+                        "pretrain it again with the current code") from None
+    return model
+
+
+@dataclass
+class RunRequest:
+    method: str
+    dataset: str
+    seed: int
+    budget: Budget | None
+    checkpoint: Path
+    out: Path
+    epochs: int | None = None
+
+
+def _validate(config: BenchConfig, request: RunRequest) -> type:
+    method_cls = get_method(request.method)
+    if method_cls.takes_budget and request.budget is None:
+        raise UserError(f"method {request.method!r} needs a budget", "pass --budget (e.g. 0.05) and --budget-metric")
+    if not method_cls.takes_budget and request.budget is not None:
+        raise UserError(f"method {request.method!r} is a reference and takes no budget", "omit --budget")
+    if request.epochs is not None and request.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {request.epochs}", "pass a positive number of epochs")
+    return method_cls
+
+
+def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
+    """Compress, verify, count, evaluate and record one (method, dataset, budget, seed)."""
+    wall_start = time.perf_counter()
+    method_cls = _validate(config, request)
+    data = load_data(config, request.dataset)
+    recipe = config.datasets[request.dataset]
+    seed_everything(request.seed)
+    model = load_checkpoint(request.checkpoint, recipe, data)
+    method = method_cls(**config.method_params.get(request.method, {}))
+    out, work = request.out, request.out / ".work"
+    for stale in ("metrics.json", "plan.json", "model.pt"):
+        (out / stale).unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    epochs = request.epochs or recipe.epochs
+    budget = request.budget
+    tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
+            "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
+            "seed": request.seed, "data_hash": data.fingerprint}
+    run_name = f"{request.dataset}/{request.method}/{budget.key if budget else 'reference'}/s{request.seed}"
+    with tracked_run(config, run_name, work / "mlflow_run_id", tags) as tracker:
+        tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
+                            **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})
+        ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
+                         log_metrics=tracker.log_metrics)
+        compressed = method.compress(model, budget, ctx)
+        compressed.plan.method = request.method
+        verify_plan(compressed.plan, compressed.model, next(iter(ctx.calibration_batches(1))))
+        cost = ctx.cost(compressed.model, compressed.plan)
+        val = evaluate(compressed.model, data, "val", recipe.batch_size)
+        test = evaluate(compressed.model, data, "test", recipe.batch_size)  # the one touch of the test split
+        achieved = cost.relative(budget.metric) if budget else None
+        metrics = {
+            "dataset": request.dataset, "model": recipe.model, "method": request.method,
+            "budget_metric": budget.metric if budget else None, "budget": budget.target if budget else None,
+            "seed": request.seed, "epochs": epochs, "epochs_used": ctx.epochs_used,
+            "top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
+            **{k: v for k, v in cost.to_dict().items() if not k.startswith("dense_")},
+            "dense_macs": cost.dense_macs,
+            "achieved": achieved, "target_met": None if budget is None else bool(achieved <= budget.target * 1.10),
+            "compute_time_s": sum(r.compute_s for r in ctx.train_results),
+            "train_time_s": sum(r.wall_s for r in ctx.train_results),
+            "search_time_s": ctx.search_s,
+            "status": "ok", "mlflow_run_id": tracker.run_id, "data_hash": data.fingerprint,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        compressed.plan.save(work / "plan.json")
+        tracker.log_artifact(work / "plan.json")
+        _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
+        _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
+        metrics["wall_time_s"] = time.perf_counter() - wall_start
+        tracker.log_metrics({k: float(v) for k, v in metrics.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, epochs)
+        tracker.set_tags({"target_met": metrics["target_met"], "status": "ok"})
+        _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    shutil.rmtree(work)
+    return metrics

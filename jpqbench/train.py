@@ -1,0 +1,156 @@
+"""The shared training loop: every method trains through it, so every method gets the same
+optimizer, schedule, data order, checkpointing and accounting.
+
+* SGD (momentum) or Adam, cosine learning-rate decay per step, no weight decay on 1-D
+  parameters (BN, biases, quantizer steps);
+* the data order of epoch ``e`` depends only on (seed, phase, e), so a resumed run sees the
+  same batches as an uninterrupted one;
+* a checkpoint (model, optimizer, scheduler, RNG, elapsed times, history) is written
+  atomically at the end of every epoch; :func:`fit` resumes from it when it exists, and a
+  finished phase is skipped on rerun;
+* methods customise training through :class:`TrainHooks` -- extra loss terms, post-step
+  projections, per-epoch phase changes and their own optimizer parameter groups;
+* ``compute_s`` accumulates the time spent in forward, backward, optimizer step and hooks
+  -- the work itself -- so the harness overhead of a run (everything else) is measurable.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from jpqbench.data import DataBundle
+from jpqbench.evaluate import evaluate
+
+
+class TrainHooks:
+    """Override what a method needs; the defaults do nothing."""
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return default_param_groups(model, weight_decay)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Phase changes (freeze bits, switch a quantizer on, anneal a temperature)."""
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        """A term added to the task loss (regularisers, budget penalties)."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Runs after every optimizer step (projections, mask re-application)."""
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainSpec:
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def _make_optimizer(groups: list[dict[str, Any]], spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
+    return torch.optim.Adam(groups, lr=spec.lr)
+
+
+def _epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(phase.encode()) + epoch)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase: str,
+        checkpoint: Path | None = None, hooks: TrainHooks | None = None,
+        log: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
+    """Train ``model`` for ``spec.epochs`` epochs; resume from ``checkpoint`` if present."""
+    hooks = hooks or TrainHooks()
+    groups = hooks.param_groups(model, spec.lr, spec.weight_decay)
+    optimizer = _make_optimizer(groups, spec)
+    steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
+    if spec.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, spec.epochs * steps_per_epoch))
+    result, start_epoch = TrainResult(), 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        result = TrainResult(state["history"], state["compute_s"], state["wall_s"])
+        start_epoch = state["epoch"] + 1
+    progress = tqdm(range(start_epoch, spec.epochs), desc=phase, leave=False,
+                    disable=not sys.stderr.isatty(), initial=start_epoch, total=spec.epochs)
+    for epoch in progress:
+        wall_start = time.perf_counter()
+        model.train()
+        hooks.on_epoch_start(model, epoch)
+        loss_sum, correct, seen, step = 0.0, 0, 0, epoch * steps_per_epoch
+        loader = data.loader("train", spec.batch_size, shuffle=True, generator=_epoch_generator(seed, phase, epoch))
+        for batch_index, (inputs, targets) in enumerate(loader):
+            if batch_index >= steps_per_epoch:
+                break
+            tick = time.perf_counter()
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            extra = hooks.extra_loss(model, step)
+            total = loss if extra is None else loss + extra
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss became {total.item()} in phase {phase!r}, epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            hooks.after_step(model, step)
+            result.compute_s += time.perf_counter() - tick
+            loss_sum += loss.item() * len(targets)
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+            step += 1
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                  "val_top1": evaluate(model, data, "val", spec.batch_size)["top1"],
+                  "lr": scheduler.get_last_lr()[0]}
+        result.history.append(record)
+        result.wall_s += time.perf_counter() - wall_start
+        if log is not None:
+            log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, epoch)
+        if checkpoint is not None:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                          "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s},
+                         checkpoint)
+        progress.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_top1']:.3f}")
+    return result

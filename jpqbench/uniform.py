@@ -1,0 +1,78 @@
+"""Uniform quantization of a whole model, shared by the baselines and the sequential pipelines.
+
+Weights: symmetric, per output channel. Inputs (activations): asymmetric, per tensor. The
+step is calibrated from min/max over training batches (post-training quantization) and,
+when ``learn_step`` is set, then learned with LSQ during fine-tuning.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from jpqbench.errors import UserError
+from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.quant import MinMaxObserver, UniformQuantizer
+
+
+def quantize_uniform(model: nn.Module, w_bits: int, a_bits: int, learn_step: bool = False) -> None:
+    """Give every conv/linear a ``w_bits`` weight quantizer and an ``a_bits`` input quantizer."""
+    make_compressible(model)
+    for layer in compressible_layers(model).values():
+        layer.weight_quantizer = UniformQuantizer(w_bits, "symmetric", channels=layer.weight.shape[0],
+                                                  learn_step=learn_step)
+        layer.input_quantizer = UniformQuantizer(a_bits, "asymmetric", channels=1, learn_step=learn_step)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Min/max calibration of every uniform quantizer on training batches (in eval mode).
+
+    Weight quantizers are calibrated on their weight; input quantizers on the activations
+    that reach them while every input quantizer is bypassed and weights are already
+    quantized (the input of layer l is observed as the float activation of the network with
+    quantized weights).
+    """
+    layers = compressible_layers(model)
+    for layer in layers.values():
+        quantizer = layer.weight_quantizer
+        if isinstance(quantizer, UniformQuantizer):
+            flat = layer.weight.detach().reshape(quantizer.channels, -1)
+            quantizer.calibrate(flat.amin(dim=1), flat.amax(dim=1))
+    observers: dict[str, MinMaxObserver] = {name: MinMaxObserver() for name in layers}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: observers[name](args[0]))
+             for name, layer in layers.items()]
+    saved = {name: layer.input_quantizer for name, layer in layers.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers.values():
+            layer.input_quantizer = nn.Identity()
+        for batch in batches:
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, layer in layers.items():
+            layer.input_quantizer = saved[name]
+        model.train(was_training)
+    for name, layer in layers.items():
+        if isinstance(layer.input_quantizer, UniformQuantizer):
+            layer.input_quantizer.calibrate(observers[name].x_min, observers[name].x_max)
+
+
+def largest_uniform_bits(relative_cost: Callable[[int], float], target: float,
+                         candidates: Iterable[int] = (8, 7, 6, 5, 4, 3, 2)) -> int:
+    """The largest bit width ``b`` (weights and activations at ``b``) whose cost meets ``target``.
+
+    ``relative_cost(b)`` is evaluated with the harness's counter, so the choice is made by the
+    same counter that reports the run.
+    """
+    candidates = sorted(candidates, reverse=True)
+    for bits in candidates:
+        if relative_cost(bits) <= target:
+            return bits
+    raise UserError(f"budget {target} cannot be reached by uniform {candidates[-1]}-bit quantization "
+                    f"(it costs {relative_cost(candidates[-1]):.4f} of FP32)",
+                    "choose a larger budget or a method that also prunes")

@@ -1,0 +1,28 @@
+"""Structured magnitude pruning (FP32 weights)."""
+from __future__ import annotations
+
+from jpqbench.methods_api import Budget, Compressed, Method, RunContext
+from jpqbench.plan import CompressionPlan, plan_from_model, with_pruned
+from jpqbench.prune import ChannelGroups, apply_masks, prune_to_budget
+from jpqbench.registry import register_method
+
+
+@register_method("prune")
+class Prune(Method):
+    """Structured magnitude pruning: one uniform channel ratio per dependency group, then fine-tuning.
+
+    How it meets the budget: the smallest ratio (bisection) at which the counted cost of the
+    masked FP32 model is within the target; channels are ranked by group L2 magnitude
+    (torch-pruning), residual partners pruned together, the classifier's outputs kept. The
+    masks are fixed for all of the run's fine-tuning epochs. Weights stay FP32, so a BOPs
+    budget below a few percent is out of reach and is refused with a message.
+    """
+
+    def compress(self, model, budget: Budget, ctx: RunContext) -> Compressed:
+        groups = ChannelGroups(model, ctx.input_shape)
+        dense = CompressionPlan.dense(model)
+        ratio, masks = prune_to_budget(
+            groups, lambda m: ctx.cost(model, with_pruned(dense, m[0])).relative(budget.metric), budget.target)
+        apply_masks(model, masks)
+        ctx.train(model, ctx.epochs, phase="finetune")
+        return Compressed(model, plan_from_model(model, self.name, {"ratio": ratio}))
