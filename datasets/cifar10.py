@@ -19,7 +19,7 @@ per batch, which is much faster than torchvision's PIL round trip per image.
 Checksums: torchvision checks the md5 of every batch file against the official ones and
 refuses anything else. That is what a user wants, and it is the default. A test cannot
 reproduce the official md5s with a tiny dataset in the same format, so the plugin takes
-``verify_checksums=False``: then it reads through :class:`_UncheckedCIFAR10`, a subclass
+``verify_checksums=False``: then it reads through a subclass of ``CIFAR10``
 whose file lists carry no md5, which torchvision's own ``check_integrity`` treats as
 "the file must exist" -- every byte is still read by torchvision's real code.
 """
@@ -27,36 +27,54 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR10
-from torchvision.transforms import v2
 
 from jpqbench.data import DataBundle, DatasetPlugin, fingerprint_tensors
 from jpqbench.errors import UserError
 from jpqbench.registry import register_dataset
 
 PREPARE_COMMAND = "jpqbench prepare --dataset cifar10"
-ARCHIVE_URL = CIFAR10.url
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+BASE_FOLDER = "cifar-10-batches-py"
 SPLIT_SEED = 0
 VAL_FRACTION = 0.1  # of the 50,000 training images
 NUM_CLASSES = 10
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)  # per-channel std over all training pixels
 
-_NORMALISE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-_AUGMENT = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+# torchvision and scikit-learn are imported inside the functions that use them: every
+# dataset plugin is imported whenever the registry is read, and these imports cost seconds.
 
 
-class _UncheckedCIFAR10(CIFAR10):
-    """torchvision's CIFAR10 with no md5 in its file lists: files must exist, any content is read."""
+def _cifar10_reader(verify_checksums: bool) -> type:
+    """torchvision's CIFAR10, or (tests) a subclass whose file lists carry no md5."""
+    from torchvision.datasets import CIFAR10
 
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    if verify_checksums:
+        return CIFAR10
+
+    class _UncheckedCIFAR10(CIFAR10):
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    return _UncheckedCIFAR10
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms import v2
+
+    return v2.Normalize(MEAN, STD)(v2.ToDtype(torch.float32, scale=True)(images))
+
+
+def _train_augmentation():
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
 
 
 class CifarImages(Dataset):
@@ -69,7 +87,7 @@ class CifarImages(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor,
-                 augment: v2.Transform | None = None) -> None:
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.images = images
         self.targets = targets
         self.augment = augment
@@ -86,12 +104,12 @@ class CifarImages(Dataset):
         images = self.images[idx]
         if self.augment is not None:
             images = torch.stack([self.augment(image) for image in images])
-        return _NORMALISE(images), self.targets[idx]
+        return _normalise(images), self.targets[idx]
 
 
 def _manual_fix(root: Path) -> str:
     return (f"run `{PREPARE_COMMAND}` on a machine with internet access, or download {ARCHIVE_URL}, "
-            f"extract it and place its folder {CIFAR10.base_folder} under {root}")
+            f"extract it and place its folder {BASE_FOLDER} under {root}")
 
 
 @register_dataset("cifar10")
@@ -108,8 +126,8 @@ class Cifar10(DatasetPlugin):
         self.verify_checksums = verify_checksums
 
     @property
-    def _reader(self) -> type[CIFAR10]:
-        return CIFAR10 if self.verify_checksums else _UncheckedCIFAR10
+    def _reader(self) -> type:
+        return _cifar10_reader(self.verify_checksums)
 
     def prepare(self, root: Path) -> None:
         """Download and extract the archive (torchvision skips it when valid files are there)."""
@@ -122,11 +140,14 @@ class Cifar10(DatasetPlugin):
     def load(self, root: Path) -> DataBundle:
         """Read both parts through torchvision and carve the fixed validation split."""
         root = Path(root)
-        folder = root / CIFAR10.base_folder
-        names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+        reader = self._reader
+        folder = root / BASE_FOLDER
+        names = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             raise UserError(f"CIFAR-10 is not at {folder} (missing: {', '.join(missing)})", _manual_fix(root))
+
+        from sklearn.model_selection import train_test_split
 
         train_images, train_targets = self._read(root, train=True)
         test_images, test_targets = self._read(root, train=False)
@@ -137,7 +158,7 @@ class Cifar10(DatasetPlugin):
 
         return DataBundle(
             name="cifar10",
-            train=CifarImages(train_images[~is_val], train_targets[~is_val], augment=_AUGMENT),
+            train=CifarImages(train_images[~is_val], train_targets[~is_val], augment=_train_augmentation()),
             val=CifarImages(train_images[is_val], train_targets[is_val]),
             test=CifarImages(test_images, test_targets),
             num_classes=self.num_classes,
@@ -148,7 +169,7 @@ class Cifar10(DatasetPlugin):
 
     def _read(self, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One part as uint8 (N, 3, 32, 32) images and int64 targets."""
-        folder = root / CIFAR10.base_folder
+        folder = root / BASE_FOLDER
         try:
             dataset = self._reader(root, train=train, download=False)
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:

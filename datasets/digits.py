@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from jpqbench.data import DataBundle, DatasetPlugin, TensorSplit
 from jpqbench.errors import UserError
@@ -53,6 +51,8 @@ def _sha256(path: Path) -> str:
 
 def _assign_splits(labels: np.ndarray) -> np.ndarray:
     """The split code of each image: a stratified test split, then val carved from the rest."""
+    from sklearn.model_selection import train_test_split  # lazy: only `prepare` needs scikit-learn
+
     index = np.arange(len(labels))
     rest, test = train_test_split(index, test_size=TEST_FRACTION, stratify=labels,
                                   random_state=SPLIT_SEED)
@@ -99,6 +99,8 @@ class Digits(DatasetPlugin):
         """Write the images, labels and fixed split to ``root/digits.npz`` plus the manifest."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        from sklearn.datasets import load_digits
+
         digits = load_digits()
         labels = digits.target.astype(np.int64)
         np.savez(root / DATA_FILE, images=digits.images.astype(np.uint8), labels=labels,

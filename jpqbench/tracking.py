@@ -17,13 +17,15 @@ import time
 import platform
 import subprocess
 from contextlib import contextmanager
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from jpqbench.config import BenchConfig
 
-PACKAGES = ("torch", "torchvision", "torchaudio", "torch-pruning", "mlflow", "snakemake", "dvc", "numpy")
+PACKAGES = {"torch": "torch", "torchvision": "torchvision", "torchaudio": "torchaudio",
+            "torch_pruning": "torch-pruning", "mlflow": "mlflow", "numpy": "numpy"}
 
 
 def tracking_uri(config: BenchConfig | None) -> str:
@@ -54,12 +56,17 @@ def git_commit() -> str:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers: from the module when it is
+    already imported (cheap), else from the installed distribution's metadata."""
     versions = {"python": platform.python_version()}
-    for package in PACKAGES:
+    for module, distribution in PACKAGES.items():
+        if module in sys.modules:
+            versions[distribution] = getattr(sys.modules[module], "__version__", "unknown")
+            continue
         try:
-            versions[package] = metadata.version(package)
+            versions[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
-            versions[package] = "absent"
+            versions[distribution] = "absent"
     return versions
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from jpqbench.registry import register_model
@@ -81,6 +80,8 @@ def digits_cnn(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
 
 @register_model("resnet18")
 def resnet18(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    import torchvision  # lazy: importing torchvision costs seconds per job
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if input_shape[0] != 3:
         model.conv1 = nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False)
