@@ -75,7 +75,7 @@ def resnet20(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
 
 @register_model("digits_cnn")
 def digits_cnn(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    return CifarResNet(input_shape[0], num_classes, (16, 32), 1)
+    return CifarResNet(input_shape[0], num_classes, (32, 64), 1)
 
 
 @register_model("resnet18")
