@@ -5,8 +5,10 @@
 * ``resnet20``  -- He et al.'s CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels);
   the down-sampling shortcut is a 1x1 convolution + BN ("option B"), which pruning tools can
   trace, rather than option A's zero padding.
-* ``digits_cnn`` -- a small residual CNN sized for the 8x8 scikit-learn digits (one residual
-  block, so residual-coupled pruning is exercised even on the embedded grid).
+* ``digits_cnn`` -- a small residual CNN sized for the 8x8 scikit-learn digits (32/64 channels,
+  one identity and one strided residual block, so residual-coupled pruning is exercised even
+  on the embedded grid; 2.1 MMACs and 77k parameters, big enough that a run's compute dominates its
+  process start-up).
 * ``resnet18``  -- torchvision's ImageNet ResNet-18 (random init; for Tiny ImageNet / ImageNet).
 """
 from __future__ import annotations
@@ -64,22 +66,26 @@ class CifarResNet(nn.Module):
 
 @register_model("resnet8")
 def resnet8(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """MLPerf Tiny ResNet-8 (CIFAR-10 reference: 77,360 weights, 12.5 MMACs at 32x32)."""
     # MLPerf Tiny's shortcut is a bare 1x1 conv (with bias) -- no BN.
     return CifarResNet(input_shape[0], num_classes, (16, 32, 64), 1, shortcut_bn=False)
 
 
 @register_model("resnet20")
 def resnet20(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """CIFAR ResNet-20 (He et al.), 1x1-conv down-sampling shortcuts."""
     return CifarResNet(input_shape[0], num_classes, (16, 32, 64), 3)
 
 
 @register_model("digits_cnn")
 def digits_cnn(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """Small residual CNN for the 8x8 digits: stem 32, one block at 32, one strided block at 64."""
     return CifarResNet(input_shape[0], num_classes, (32, 64), 1)
 
 
 @register_model("resnet18")
 def resnet18(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """torchvision ResNet-18 (random init), for Tiny ImageNet / ImageNet."""
     import torchvision  # lazy: importing torchvision costs seconds per job
 
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
