@@ -94,17 +94,20 @@ def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[st
                      max_steps_per_epoch=recipe.max_steps_per_epoch)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
+    wall_start = time.perf_counter()
     with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", work / "mlflow_run_id", tags) as tracker:
         tracker.log_params({**recipe.model_dump(), "seed": seed})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
         val = evaluate(model, data, "val", recipe.batch_size)["top1"]
-        tracker.log_metrics({"val_top1": val, "compute_time_s": result.compute_s}, recipe.pretrain_epochs)
+        figures = {"val_top1": val, "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
+                   "wall_time_s": time.perf_counter() - wall_start}
+        tracker.log_metrics(figures, recipe.pretrain_epochs)
         _atomic_torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
                             "num_classes": data.num_classes, "input_shape": list(data.input_shape), "seed": seed,
-                            "val_top1": val, "data_hash": data.fingerprint}, out)
+                            "data_hash": data.fingerprint, **figures}, out)
     shutil.rmtree(work)
-    return {"val_top1": val, "compute_time_s": result.compute_s}
+    return figures
 
 
 def load_checkpoint(path: Path, recipe: TrainRecipe, data: DataBundle) -> nn.Module:

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from jpqbench.config import BenchConfig
 
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "torchaudio": "torchaudio",
@@ -118,7 +120,7 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     tracker = Tracker(client, run_id)
-    tracker.set_tags({**tags, "git_commit": git_commit(),
+    tracker.set_tags({**tags, "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
                       **{f"version.{k}": v for k, v in package_versions().items()}})
     try:
         yield tracker
