@@ -145,23 +145,29 @@ def cmd_report(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpqbench", description="joint pruning + quantization benchmark harness")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="benchmark config (default: %(default)s)")
+    # --config is accepted before or after the subcommand (`jpqbench run ... --config C`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="benchmark config (default: %s)" % DEFAULT_CONFIG)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="show registered methods, datasets or models")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("list", help="show registered methods, datasets or models")
     p.add_argument("what", choices=["methods", "datasets", "models"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("prepare", help="put a dataset on disk under the config's data_root")
+    p = command("prepare", help="put a dataset on disk under the config's data_root")
     p.add_argument("--dataset", required=True)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("pretrain", help="train the shared FP32 checkpoint")
+    p = command("pretrain", help="train the shared FP32 checkpoint")
     p.add_argument("--dataset", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="checkpoint path (default: results/checkpoints/<dataset>/<model>/s<seed>.pt)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("run", help="compress one (method, dataset, budget, seed)")
+    p = command("run", help="compress one (method, dataset, budget, seed)")
     p.add_argument("--method", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--budget", type=float, help="target cost as a fraction of FP32, in (0, 1)")
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<method>/<budget>/s<seed>)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("cost", help="MACs, BOPs, weight bits and parameter counts of a model (and plan)")
+    p = command("cost", help="MACs, BOPs, weight bits and parameter counts of a model (and plan)")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", help="dataset whose input shape and classes to use")
     p.add_argument("--input-shape", type=int, nargs="+", help="instead of --dataset, e.g. 3 224 224")
@@ -183,15 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("init-tracking", help="create the MLflow store and experiment once")
+    p = command("init-tracking", help="create the MLflow store and experiment once")
     p.add_argument("--marker", help="file to write when done (for Snakemake)")
     p.set_defaults(func=cmd_init_tracking)
 
-    p = sub.add_parser("aggregate", help="collect every run's metrics.json into one CSV")
+    p = command("aggregate", help="collect every run's metrics.json into one CSV")
     p.add_argument("--out", default="results/summary.csv")
     p.set_defaults(func=cmd_aggregate)
 
-    p = sub.add_parser("report", help="execute the analysis notebook into an HTML report")
+    p = command("report", help="execute the analysis notebook into an HTML report")
     p.add_argument("--summary", default="results/summary.csv")
     p.add_argument("--out", default="results/report")
     p.set_defaults(func=cmd_report)
