@@ -1,0 +1,154 @@
+"""The benchmark grid as a Snakemake workflow: prepare -> pretrain -> compress -> aggregate -> report.
+
+    snakemake --profile profiles/local                            # the embedded grid (config/config.yaml)
+    snakemake --profile profiles/slurm --configfile config/paper.yaml
+
+Every rule calls the `jpqbench` CLI and nothing else; the grid itself (which runs exist and
+where they live) comes from jpqbench.aggregate.grid, the same definition `jpqbench aggregate`
+reads back, so the workflow and the summary can never disagree about what the grid is.
+"""
+import os
+
+from jpqbench.aggregate import budget_from_key, grid
+from jpqbench.config import load_config
+
+# The default grid. `--configfile FILE` replaces it: the jobs are handed one file
+# (`jpqbench ... --config FILE`), and Snakemake's own `config` would be FILE merged key by key
+# into this default (a paper run would inherit the digits dataset), so the workflow reads and
+# validates that one file itself instead.
+configfile: "config/config.yaml"
+
+if workflow.config_settings.config:
+    raise WorkflowError("--config overrides reach Snakemake but not the `jpqbench` jobs, which read the "
+                        "config file; put the change in a copy of the config and pass --configfile COPY")
+if len(workflow.overwrite_configfiles) > 1:
+    raise WorkflowError("pass one --configfile: the `jpqbench` jobs read exactly one config file")
+CONFIG_FILE = os.path.relpath(workflow.overwrite_configfiles[0] if workflow.overwrite_configfiles
+                              else "config/config.yaml")
+# Shell commands use CONFIG_FILE directly rather than as an input or a param: which file holds
+# the grid is no part of a run's provenance (a copied config must not re-run every job); the
+# recipe and hyperparameters it holds are, and are params of the rules that use them.
+# A bad key or an unregistered method/dataset/model stops the workflow here, naming the key.
+cfg = load_config(CONFIG_FILE)
+
+DATA = cfg.data_root
+RESULTS = cfg.results_root
+RUNS = f"{RESULTS}/runs"
+TRACKING = f"{RESULTS}/.tracking-ready"
+CHECKPOINT = RESULTS + "/checkpoints/{dataset}/{model}/s{seed}.pt"
+RUN = RUNS + "/{dataset}/{method}/{budgetkey}/s{seed}"
+GRID = grid(cfg)
+
+wildcard_constraints:
+    dataset=r"[^/]+",
+    model=r"[^/]+",
+    method=r"[^/]+",
+    budgetkey=r"reference|(?:bops|size)-[^/]+",
+    seed=r"\d+",
+
+
+def checkpoint_of(wildcards):
+    """The FP32 checkpoint a run starts from: its dataset's model, pretrained with its seed."""
+    return CHECKPOINT.format(dataset=wildcards.dataset, model=cfg.datasets[wildcards.dataset].model,
+                             seed=wildcards.seed)
+
+
+def budget_args(wildcards):
+    """`--budget T --budget-metric M`, or nothing for a budget-free method's `reference` folder."""
+    budget = budget_from_key(wildcards.budgetkey)
+    return "" if budget is None else f"--budget {budget.target!r} --budget-metric {budget.metric}"
+
+
+rule all:
+    input:
+        f"{RESULTS}/report",
+
+
+# MLflow's SQLite store races on its schema when parallel jobs create it; create it once first.
+# `ancient` below: re-creating the marker must not make every run look out of date.
+rule tracking:
+    output:
+        TRACKING,
+    log:
+        f"{RESULTS}/logs/tracking.log",
+    shell:
+        "jpqbench init-tracking --config {CONFIG_FILE} --marker {output} > {log} 2>&1"
+
+
+# The dataset's MANIFEST.json is written last, so it marks a complete `prepare`.
+rule prepare:
+    output:
+        f"{DATA}/{{dataset}}/MANIFEST.json",
+    log:
+        f"{RESULTS}/logs/prepare/{{dataset}}.log",
+    shell:
+        "jpqbench prepare --dataset {wildcards.dataset} --config {CONFIG_FILE} > {log} 2>&1"
+
+
+# One FP32 starting point per (dataset, seed), shared by every method.
+rule pretrain:
+    input:
+        manifest=f"{DATA}/{{dataset}}/MANIFEST.json",
+        tracking=ancient(TRACKING),
+    output:
+        CHECKPOINT,
+    params:
+        # a changed recipe re-runs the job (Snakemake's params rerun trigger)
+        recipe=lambda wildcards: cfg.datasets[wildcards.dataset].model_dump(),
+    log:
+        f"{RESULTS}/logs/pretrain/{{dataset}}/{{model}}/s{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{dataset}}/{{model}}/s{{seed}}.tsv"
+    threads: 1
+    shell:
+        "jpqbench pretrain --dataset {wildcards.dataset} --seed {wildcards.seed} --config {CONFIG_FILE} "
+        "--out {output} > {log} 2>&1"
+
+
+rule compress:
+    input:
+        checkpoint=checkpoint_of,
+        tracking=ancient(TRACKING),
+    output:
+        plan=f"{RUN}/plan.json",
+        metrics=f"{RUN}/metrics.json",
+        model=f"{RUN}/model.pt",
+    params:
+        budget=budget_args,
+        out=RUN,
+        # a changed recipe or method hyperparameters re-run the job
+        recipe=lambda wildcards: cfg.datasets[wildcards.dataset].model_dump(),
+        hparams=lambda wildcards: cfg.method_params.get(wildcards.method, {}),
+    log:
+        f"{RESULTS}/logs/compress/{{dataset}}/{{method}}/{{budgetkey}}/s{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/compress/{{dataset}}/{{method}}/{{budgetkey}}/s{{seed}}.tsv"
+    threads: 1
+    shell:
+        "jpqbench run --method {wildcards.method} --dataset {wildcards.dataset} {params.budget} "
+        "--seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} --out {params.out} "
+        "> {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        [f"{point.run_dir(RUNS)}/metrics.json" for point in GRID],
+    output:
+        f"{RESULTS}/summary.csv",
+    log:
+        f"{RESULTS}/logs/aggregate.log",
+    shell:
+        "jpqbench aggregate --config {CONFIG_FILE} --out {output} > {log} 2>&1"
+
+
+rule report:
+    input:
+        summary=f"{RESULTS}/summary.csv",
+        notebook="analysis/report.ipynb",
+    output:
+        report(directory(f"{RESULTS}/report"), patterns=["{name}.html", "{name}.png", "{name}.csv"],
+               category="Benchmark report"),
+    log:
+        f"{RESULTS}/logs/report.log",
+    shell:
+        "jpqbench report --summary {input.summary} --out {output} > {log} 2>&1"

@@ -1,0 +1,159 @@
+"""Collect the runs' ``metrics.json`` files into one tidy table: ``results/summary.csv``.
+
+One row per run, one column per figure, so every later view (the comparison table, the
+Pareto plots, a user's own pandas session) is a ``groupby`` away and none of them reads run
+folders itself.
+
+The grid -- which runs a config asks for and where each one lives -- is defined here once
+(:func:`grid`, :class:`GridPoint`) and used twice: by the Snakefile to request the runs and by
+:func:`aggregate` to read exactly those, so the summary of a config never picks up stale runs
+of an earlier, larger grid that are still on disk.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from jpqbench.config import BenchConfig
+from jpqbench.errors import UserError
+
+if TYPE_CHECKING:
+    from jpqbench.methods_api import Budget
+
+REFERENCE_KEY = "reference"  # the run-folder name of a budget-free method (the fp32 reference)
+
+# The columns every metrics.json must hold (the runner's contract) and their dtypes. Nullable
+# dtypes, because a reference run has no budget, top-5 is null for <= 10 classes, and a failed
+# run may lack figures. The same schema types the CSV when it is read back (read_summary).
+COLUMNS: dict[str, str] = {
+    "dataset": "string",
+    "model": "string",
+    "method": "string",
+    "budget_metric": "string",
+    "budget": "Float64",
+    "seed": "Int64",
+    "epochs": "Int64",
+    "top1": "Float64",
+    "top5": "Float64",
+    "val_top1": "Float64",
+    "relative_bops": "Float64",
+    "relative_size": "Float64",
+    "bops": "Float64",
+    "macs": "Float64",
+    "weight_bits": "Float64",
+    "weight_size_kb": "Float64",
+    "params": "Int64",
+    "nonzero_params": "Int64",
+    "target_met": "boolean",
+    "train_time_s": "Float64",
+    "compute_time_s": "Float64",
+    "wall_time_s": "Float64",
+    "search_time_s": "Float64",
+    "status": "string",
+    "mlflow_run_id": "string",
+    "git_commit": "string",
+    "data_hash": "string",
+}
+RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
+SORT_KEYS = ["dataset", "method", "budget_metric", "budget", "seed"]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One run of the grid: a method on a dataset at a budget (None: budget-free) with a seed."""
+
+    dataset: str
+    method: str
+    budget: Budget | None
+    seed: int
+
+    @property
+    def budget_key(self) -> str:
+        """The budget's folder name: ``bops-0.05``, or ``reference`` for a budget-free method."""
+        return self.budget.key if self.budget else REFERENCE_KEY
+
+    def run_dir(self, runs_root: Path) -> Path:
+        """``<runs_root>/<dataset>/<method>/<budget_key>/s<seed>``: where the run writes its files."""
+        return Path(runs_root) / self.dataset / self.method / self.budget_key / f"s{self.seed}"
+
+
+def grid(config: BenchConfig) -> list[GridPoint]:
+    """Every run of ``config``: budget-free methods once per seed, the others at every budget too."""
+    # imported here, not at the top: it loads torch and the method plugins, which the report
+    # notebook (it only needs read_summary) has no use for
+    from jpqbench.methods_api import Budget, method_takes_budget
+
+    points = []
+    for dataset in config.datasets:
+        for method in config.methods:
+            budgets = ([Budget(config.budget_metric, target) for target in config.budgets]
+                       if method_takes_budget(method) else [None])
+            points += [GridPoint(dataset, method, budget, seed) for budget in budgets for seed in config.seeds]
+    return points
+
+
+def budget_from_key(key: str) -> Budget | None:
+    """The inverse of :attr:`GridPoint.budget_key`: ``bops-0.05`` -> ``Budget("bops", 0.05)``."""
+    from jpqbench.methods_api import Budget
+
+    if key == REFERENCE_KEY:
+        return None
+    metric, _, target = key.partition("-")
+    try:
+        return Budget(metric, float(target))
+    except ValueError:
+        raise UserError(f"budget folder name {key!r} is not <metric>-<target>",
+                        f"use e.g. bops-0.05, size-0.1 or {REFERENCE_KEY}") from None
+
+
+def _read_metrics(path: Path, runs_root: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error})", "delete the run folder and run it again") from None
+    missing = [column for column in COLUMNS if column not in record]
+    if missing:
+        raise UserError(f"{path} lacks the keys {', '.join(missing)}",
+                        "run it again with the current `jpqbench run`, which writes them all")
+    return {**record, RUN_DIR_COLUMN: path.parent.relative_to(runs_root).as_posix()}
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Schema columns first, in schema order and dtypes; any further figures after them."""
+    extra = [column for column in frame.columns if column not in COLUMNS]
+    return frame[[*COLUMNS, *extra]].astype(COLUMNS)
+
+
+def aggregate(runs_root: Path, out_csv: Path, config: BenchConfig | None = None) -> pd.DataFrame:
+    """Read the runs' metrics.json into one row each, write them to ``out_csv`` and return them.
+
+    With ``config``, exactly the runs of its grid are read and a missing one is an error (a
+    summary with holes would make means over seeds silently use fewer seeds); without it, every
+    metrics.json under ``runs_root``.
+    """
+    runs_root = Path(runs_root)
+    if config is None:
+        paths = sorted(runs_root.rglob("metrics.json"))
+        if not paths:
+            raise UserError(f"no metrics.json under {runs_root}", "run the grid first (`snakemake`)")
+    else:
+        paths = [point.run_dir(runs_root) / "metrics.json" for point in grid(config)]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} of the grid's {len(paths)} runs have no metrics.json, "
+                            f"e.g. {', '.join(missing[:3])}", "run the missing runs (`snakemake`)")
+    frame = _typed(pd.DataFrame.from_records([_read_metrics(path, runs_root) for path in paths]))
+    frame = frame.sort_values(SORT_KEYS, na_position="first", ignore_index=True)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_csv, index=False)
+    return frame
+
+
+def read_summary(summary_csv: Path) -> pd.DataFrame:
+    """Read a summary written by :func:`aggregate` back with its dtypes (a CSV does not keep them)."""
+    return pd.read_csv(summary_csv, dtype=COLUMNS)
