@@ -36,7 +36,7 @@ from jpqbench.evaluate import evaluate
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
-from jpqbench.tracking import tracked_run
+from jpqbench.tracking import git_commit, tracked_run
 from jpqbench.train import TrainSpec, fit
 
 
@@ -199,6 +199,7 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
             "search_time_s": ctx.search_s,
             "status": "ok", "mlflow_run_id": tracker.run_id, "data_hash": data.fingerprint,
+            "git_commit": git_commit(),
         }
         out.mkdir(parents=True, exist_ok=True)
         compressed.plan.save(work / "plan.json")
