@@ -24,7 +24,8 @@ Conventions (the same for every method and baseline):
 * ``params`` counts conv/linear weights and biases of the dense model; ``kept_params`` those
   left after structured pruning (dead inputs included); ``nonzero_params`` also removes the
   plan's unstructured sparsity.
-* ``activation_bits_peak`` = largest single layer input, in bits (kept channels x a_bits).
+* ``activation_bits_peak`` = largest single layer input, in bits (alive input channels x
+  H_in x W_in x a_bits, less unstructured activation sparsity).
 
 Unstructured sparsity is *not* taken out of MACs/BOPs here (dense BOPs); methods with
 sparsity report it separately, labelled.
@@ -48,7 +49,8 @@ class LayerShape:
     out_channels: int
     groups: int
     kernel_area: int
-    out_pixels: int  # H_out * W_out (1 for linear)
+    in_pixels: int  # H_in * W_in (positions for linear)
+    out_pixels: int  # H_out * W_out (positions for linear)
     has_bias: bool
 
 
@@ -111,12 +113,13 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan
             if isinstance(module, nn.Conv2d):
                 out = nn.functional.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
                 shapes[name] = LayerShape("conv", module.in_channels, module.out_channels, module.groups,
-                                          module.kernel_size[0] * module.kernel_size[1],
+                                          module.kernel_size[0] * module.kernel_size[1], x.shape[2] * x.shape[3],
                                           out.shape[2] * out.shape[3], module.bias is not None)
             else:
                 out = nn.functional.linear(x, weight)
+                positions = x.numel() // x.shape[0] // x.shape[-1]
                 shapes[name] = LayerShape("linear", module.in_features, module.out_features, 1, 1,
-                                          x.numel() // x.shape[0] // x.shape[-1], module.bias is not None)
+                                          positions, positions, module.bias is not None)
             return out / out.detach().abs().amax().clamp_min(1e-30)  # keep magnitudes bounded
         return hook
 
@@ -156,7 +159,7 @@ def _layer_cost(shape: LayerShape, claim: LayerPlan, alive_in: torch.Tensor) -> 
         bops += channel_macs * b_w * claim.a_bits
         weight_bits += fan_in * b_w + (FLOAT_BITS if shape.has_bias else 0)
         kept += fan_in + (1 if shape.has_bias else 0)
-    kept_inputs = int(alive_in.sum()) * (shape.out_pixels if shape.kind == "linear" else 1)
+    kept_inputs = int(alive_in.sum()) * shape.in_pixels
     return {"macs": macs, "bops": bops, "weight_bits": weight_bits, "kept_params": kept,
             "nonzero_params": kept * (1 - claim.w_sparsity),
             "activation_bits": kept_inputs * claim.a_bits * (1 - claim.a_sparsity)}

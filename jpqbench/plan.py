@@ -13,7 +13,7 @@ The cost counter computes every figure from a plan and the model's shapes alone
 (:mod:`jpqbench.cost`). Because methods write their own plans, :func:`verify_plan` checks a
 plan against the model that produced it and refuses a plan that lies:
 
-1. every channel the plan calls pruned is exactly zero in the layer's effective weight;
+1. every channel the plan calls pruned is exactly zero in the layer's effective weight and bias;
 2. every input channel the counter treats as dead (all of its producers pruned) is exactly
    zero in the tensor the layer really receives on a batch of data -- this is what proves
    that BN biases, residual partners and the rest of the dependency group were masked too;
@@ -83,7 +83,7 @@ class CompressionPlan:
             plan = cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise UserError(f"plan file {path} does not exist", "pass the plan.json written by `jpqbench run`") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"plan file {path} is malformed ({error})",
                             "regenerate it with `jpqbench run`; see jpqbench/plan.py for the format") from None
         plan.validate()
@@ -170,9 +170,11 @@ def verify_plan(plan: CompressionPlan, model: nn.Module, batch: torch.Tensor) ->
         claim = plan.layers[name]
         weight = layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
         flat = weight.reshape(weight.shape[0], -1)
-        if claim.pruned and flat[claim.pruned].abs().sum() != 0:
+        bias = layer.effective_bias() if hasattr(layer, "effective_bias") else layer.bias
+        if claim.pruned and (flat[claim.pruned].abs().sum() != 0
+                             or (bias is not None and bias[claim.pruned].abs().sum() != 0)):
             raise PlanMismatch(f"layer {name}: channels the plan calls pruned are not zero",
-                               "the method must mask the weights of every pruned channel")
+                               "the method must mask the weights and bias of every pruned channel")
         dead = ~alive_inputs[name]
         x = seen_inputs[name]
         channel_axis = 1

@@ -79,8 +79,9 @@ class UniformQuantizer(nn.Module):
         if self.mode == "symmetric":
             step = torch.maximum(x_min.abs(), x_max.abs()) / self.q_max
             zero = torch.zeros_like(step)
-        else:
+        else:  # the range always contains 0, so that zero (padding, ReLU) is exact
             x_min = torch.minimum(x_min, torch.zeros_like(x_min))
+            x_max = torch.maximum(x_max, torch.zeros_like(x_max))
             step = (x_max - x_min) / (self.q_max - self.q_min)
             zero = torch.round(-x_min / step.clamp_min(1e-12))
         self.step.copy_(step.clamp_min(1e-8))
@@ -111,7 +112,9 @@ class UniformQuantizer(nn.Module):
             step = scale_grad(step, 1.0 / (x.numel() / self.channels * self.q_max) ** 0.5)
         step = self._view(step, x)
         zero = self._view(self.zero_point, x)
-        q = torch.clamp(round_ste(x / step) + zero, self.q_min, self.q_max)
+        # clamp before rounding: LSQ's gradient w.r.t. x is 1 on the whole representable range
+        # (including the values that round to q_min / q_max) and 0 only outside it
+        q = round_ste(torch.clamp(x / step + zero, self.q_min, self.q_max))
         return (q - zero) * step
 
 
