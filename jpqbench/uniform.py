@@ -76,3 +76,15 @@ def largest_uniform_bits(relative_cost: Callable[[int], float], target: float,
     raise UserError(f"budget {target} cannot be reached by uniform {candidates[-1]}-bit quantization "
                     f"(it costs {relative_cost(candidates[-1]):.4f} of FP32)",
                     "choose a larger budget or a method that also prunes")
+
+
+def quantize_within_budget(model: nn.Module, relative_cost: Callable[[int], float], target: float,
+                           batches: Iterable[torch.Tensor], learn_step: bool) -> int:
+    """Uniformly quantize ``model`` at the largest bit width within ``target`` and calibrate it.
+
+    Returns the bit width. ``relative_cost(b)`` is the counted relative cost at ``b`` bits.
+    """
+    bits = largest_uniform_bits(relative_cost, target)
+    quantize_uniform(model, bits, bits, learn_step=learn_step)
+    calibrate(model, batches)
+    return bits

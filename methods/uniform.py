@@ -1,0 +1,45 @@
+"""Uniform quantization baselines: post-training (``ptq``) and quantization-aware training (``qat``).
+
+How they meet the budget: the largest b in {8..2} whose counted cost with weights and
+activations at b bits (no pruning) is within the target. Weights are quantized symmetric per
+output channel, layer inputs asymmetric per tensor, min/max calibrated on
+``calibration_batches`` batches of the *training* split (jpqbench/uniform.py).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from jpqbench.methods_api import Budget, Compressed, Method, RunContext
+from jpqbench.plan import CompressionPlan, plan_from_model, with_uniform_bits
+from jpqbench.registry import register_method
+from jpqbench.uniform import quantize_within_budget
+
+
+class _Uniform(Method):
+    learn_step: ClassVar[bool]
+
+    class Hparams(Method.Hparams):
+        calibration_batches: int = 8
+
+    def compress(self, model, budget: Budget, ctx: RunContext) -> Compressed:
+        dense = CompressionPlan.dense(model)
+        bits = quantize_within_budget(
+            model, lambda b: ctx.cost(model, with_uniform_bits(dense, b, b)).relative(budget.metric), budget.target,
+            ctx.calibration_batches(self.hp.calibration_batches), learn_step=self.learn_step)
+        if self.learn_step:
+            ctx.train(model, ctx.epochs, phase="qat")
+        return Compressed(model, plan_from_model(model, self.name, {"bits": bits}))
+
+
+@register_method("ptq")
+class PTQ(_Uniform):
+    """Uniform post-training quantization: one bit width for all weights and activations, min/max calibrated, no training."""
+
+    learn_step = False
+
+
+@register_method("qat")
+class QAT(_Uniform):
+    """Uniform QAT with LSQ: one bit width for all layers, calibrated, then steps and weights trained for the run's epochs."""
+
+    learn_step = True
