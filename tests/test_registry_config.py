@@ -1,0 +1,173 @@
+"""Registries (unknown names, plugin discovery) and config validation."""
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import jpqbench.registry as registry
+from jpqbench.config import validate_config
+from jpqbench.errors import UserError
+from jpqbench.registry import DATASETS, METHODS, MODELS, discover_plugins
+
+BUILTIN_METHODS = {"fp32", "ptq", "qat", "prune", "prune_then_quantize", "quantize_then_prune"}
+
+
+def _raw(**overrides) -> dict:
+    raw = {
+        "experiment": "t", "seeds": [0], "budgets": [0.05], "methods": ["fp32", "ptq"],
+        "datasets": {"digits": {"model": "digits_cnn", "pretrain_epochs": 1, "epochs": 1, "batch_size": 64,
+                                "lr": 0.05, "finetune_lr": 0.01, "max_steps_per_epoch": 3}},
+    }
+    raw.update(overrides)
+    return raw
+
+
+# ---------------------------------------------------------------- registries
+def test_builtin_plugins_are_registered() -> None:
+    assert BUILTIN_METHODS <= set(METHODS.names())
+    assert "digits" in DATASETS and {"resnet8", "resnet20", "digits_cnn", "resnet18"} <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("registry_, kind, known", [
+    (METHODS, "method", "fp32"), (DATASETS, "dataset", "digits"), (MODELS, "model", "resnet20")])
+def test_unknown_name_lists_the_known_ones(registry_, kind: str, known: str) -> None:
+    with pytest.raises(UserError) as info:
+        registry_.get("no_such_thing")
+    assert info.value.problem == f"unknown {kind} 'no_such_thing'"
+    for name in registry_.names():
+        assert name in info.value.fix
+    assert known in info.value.fix
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch: pytest.MonkeyPatch):
+    """Rediscover plugins in this test only; every registry table is restored afterwards."""
+    discover_plugins()  # the project's plugins are loaded (and cached in sys.modules) first
+    for reg in (METHODS, DATASETS, MODELS):
+        monkeypatch.setattr(reg, "_items", dict(reg._items))
+        monkeypatch.setattr(reg, "_origin", dict(reg._origin))
+    monkeypatch.setattr(registry, "_discovered", False)
+    before = set(sys.modules)
+    yield monkeypatch
+    for name in set(sys.modules) - before:
+        if name.startswith("jpqbench_plugins."):
+            del sys.modules[name]
+
+
+PLUGIN = '''
+from jpqbench.methods_api import Method
+from jpqbench.registry import register_method
+
+
+@register_method("tmp_plugin_method")
+class TmpPlugin(Method):
+    """A method kept outside the repository."""
+'''
+
+
+def test_plugin_discovered_from_env_path(tmp_path: Path, isolated_registry: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "tmp_method.py").write_text(textwrap.dedent(PLUGIN))
+    (folder / "_private.py").write_text("raise RuntimeError('files starting with _ are not plugins')\n")
+    isolated_registry.setenv(registry.PLUGIN_PATH_ENV, str(folder))
+    assert "tmp_plugin_method" in METHODS.names()
+    assert METHODS.get("tmp_plugin_method").__doc__.startswith("A method kept outside")
+    assert BUILTIN_METHODS <= set(METHODS.names())  # built-ins still there
+    from jpqbench.cli import main
+
+    assert main(["list", "methods"]) == 0
+    assert "tmp_plugin_method" in capsys.readouterr().out
+
+
+def test_plugin_not_registered_without_env(isolated_registry: pytest.MonkeyPatch) -> None:
+    isolated_registry.delenv(registry.PLUGIN_PATH_ENV, raising=False)
+    assert "tmp_plugin_method" not in METHODS.names()
+
+
+def test_missing_plugin_folder_is_a_user_error(tmp_path: Path, isolated_registry: pytest.MonkeyPatch) -> None:
+    isolated_registry.setenv(registry.PLUGIN_PATH_ENV, str(tmp_path / "absent"))
+    with pytest.raises(UserError, match="does not exist"):
+        METHODS.names()
+
+
+def test_duplicate_name_from_another_module_is_refused(tmp_path: Path,
+                                                       isolated_registry: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "dupes"
+    folder.mkdir()
+    (folder / "dupe.py").write_text(textwrap.dedent(PLUGIN).replace("tmp_plugin_method", "ptq"))
+    isolated_registry.setenv(registry.PLUGIN_PATH_ENV, str(folder))
+    with pytest.raises(UserError, match="two methods are registered as 'ptq'"):
+        METHODS.names()
+
+
+# ---------------------------------------------------------------- config
+def test_valid_config_passes() -> None:
+    config = validate_config(_raw())
+    assert config.datasets["digits"].max_steps_per_epoch == 3 and config.budgets == [0.05]
+
+
+def test_repository_configs_are_valid() -> None:
+    from jpqbench.config import load_config
+
+    root = Path(registry.PROJECT_ROOT) / "config"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path)
+
+
+def test_unknown_top_level_key_is_named() -> None:
+    with pytest.raises(UserError) as info:
+        validate_config(_raw(budgest=[0.1]))
+    assert "budgest: unknown key" in info.value.problem
+
+
+def test_unknown_recipe_key_is_named() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["epoch"] = 3
+    with pytest.raises(UserError) as info:
+        validate_config(raw)
+    assert "datasets.digits.epoch: unknown key" in info.value.problem
+
+
+@pytest.mark.parametrize("budget", [0, 0.0, 1, 1.5, -0.1])
+def test_budget_outside_0_1_is_refused(budget: float) -> None:
+    with pytest.raises(UserError) as info:
+        validate_config(_raw(budgets=[0.05, budget]))
+    assert "  budgets: " in info.value.problem
+    assert f"budget {float(budget)} is out of range" in info.value.problem
+
+
+def test_unknown_method_is_named() -> None:
+    with pytest.raises(UserError) as info:
+        validate_config(_raw(methods=["fp32", "magic"]))
+    assert "unknown method 'magic'" in info.value.problem
+    assert "ptq" in info.value.fix
+
+
+def test_unknown_model_and_dataset_are_named() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["model"] = "resnet999"
+    with pytest.raises(UserError, match="unknown model 'resnet999'"):
+        validate_config(raw)
+    raw = _raw()
+    raw["datasets"] = {"imagenet22k": raw["datasets"]["digits"]}
+    with pytest.raises(UserError, match="unknown dataset 'imagenet22k'"):
+        validate_config(raw)
+
+
+def test_method_params_for_method_not_in_grid_is_refused() -> None:
+    with pytest.raises(UserError, match="method_params.qat"):
+        validate_config(_raw(method_params={"qat": {"calibration_batches": 2}}))
+
+
+def test_out_of_range_recipe_values_are_named() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["epochs"] = 0
+    with pytest.raises(UserError, match="datasets.digits.epochs"):
+        validate_config(raw)
+    with pytest.raises(UserError, match="seeds"):
+        validate_config(_raw(seeds=[]))
