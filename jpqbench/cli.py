@@ -69,18 +69,16 @@ def _budget(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, pretrain, run
+    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, run
 
     config = _config(args)
     if args.dataset not in config.datasets:
         raise UserError(f"dataset {args.dataset!r} is not in {args.config}", f"use one of: {', '.join(config.datasets)}")
     budget = _budget(args)
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(config, args.dataset, args.seed)
-    if not args.checkpoint and not checkpoint.exists():
-        print(f"no FP32 checkpoint at {checkpoint}: pretraining it first", file=sys.stderr)
-        pretrain(config, args.dataset, args.seed, checkpoint)
     out = Path(args.out) if args.out else default_run_dir(config, args.dataset, args.method, budget, args.seed)
-    metrics = run(config, RunRequest(args.method, args.dataset, args.seed, budget, checkpoint, out, args.epochs))
+    metrics = run(config, RunRequest(args.method, args.dataset, args.seed, budget, checkpoint, out, args.epochs,
+                                     pretrain_if_missing=not args.checkpoint))
     target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
     print(f"{args.method} on {args.dataset} (seed {args.seed}, budget {target}): top-1 {metrics['top1']:.4f}, "
           f"relative BOPs {metrics['relative_bops']:.4f}, relative size {metrics['relative_size']:.4f} "

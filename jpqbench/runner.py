@@ -143,6 +143,7 @@ class RunRequest:
     checkpoint: Path
     out: Path
     epochs: int | None = None
+    pretrain_if_missing: bool = False  # train the FP32 checkpoint first when it does not exist
 
 
 def _validate(config: BenchConfig, request: RunRequest) -> type:
@@ -162,6 +163,8 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
     method_cls = _validate(config, request)
     data = load_data(config, request.dataset)
     recipe = config.datasets[request.dataset]
+    if request.pretrain_if_missing and not request.checkpoint.exists():
+        pretrain(config, request.dataset, request.seed, request.checkpoint)
     seed_everything(request.seed)
     model = load_checkpoint(request.checkpoint, recipe, data)
     method = method_cls(**config.method_params.get(request.method, {}))

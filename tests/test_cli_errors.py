@@ -138,10 +138,6 @@ def test_cost_needs_a_shape_and_rejects_a_foreign_plan(tmp_path: Path, capsys) -
                         "--w-bits", "4"], capsys, None, "exclusive")
 
 
-@pytest.mark.xfail(reason="BUG: `jpqbench run` pretrains a missing FP32 checkpoint (cli.cmd_run) before "
-                          "runner.run validates the method/budget, so an unknown method or a budget given to "
-                          "fp32 first spends a whole pretraining and writes a checkpoint, then fails",
-                   strict=True)
 def test_invalid_run_fails_before_any_work(digits_workspace: DigitsWorkspace, tmp_path: Path, out: Path,
                                            capsys) -> None:
     results = tmp_path / "fresh_results"  # no checkpoint here yet
