@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,10 @@ def main() -> int:
                             text=True, check=True).stdout.strip()
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(workdir)], check=True)
     start = time.perf_counter()
-    subprocess.run(["snakemake", "--cores", str(args.cores), "--quiet", "all"], cwd=workdir, check=True)
+    # the clone's own code, not whichever checkout the environment's editable install points at
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    subprocess.run(["snakemake", "--cores", str(args.cores), "--quiet", "all"], cwd=workdir, env=env, check=True)
     grid_wall = time.perf_counter() - start
 
     results = workdir / "results"
