@@ -4,12 +4,12 @@
     snakemake --profile profiles/slurm --configfile config/paper.yaml
 
 Every rule calls the `jpqbench` CLI and nothing else; the grid itself (which runs exist and
-where they live) comes from jpqbench.aggregate.grid, the same definition `jpqbench aggregate`
+where they live) comes from jpqbench.grid, the same definition `jpqbench aggregate`
 reads back, so the workflow and the summary can never disagree about what the grid is.
 """
 import os
 
-from jpqbench.aggregate import budget_from_key, grid
+from jpqbench.grid import budget_from_key, grid
 from jpqbench.config import load_config
 
 # The default grid. `--configfile FILE` replaces it: the jobs are handed one file

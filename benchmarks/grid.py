@@ -81,15 +81,17 @@ def main() -> int:
           f"(fresh clone, then `snakemake --cores {args.cores}`); {torch.get_num_threads()} torch threads "
           f"available, {len(jobs)} Snakemake jobs with a benchmark file, {len(runs)} compression runs, "
           f"{len(pretrains)} pretrainings.\n")
+    startup = job_wall - in_run_wall
+    n_jobs = len(runs) + len(pretrains)
     print("| figure | value |\n|---|---|")
     print(f"| grid wall time | {grid_wall:.0f} s ({grid_wall / 60:.1f} min; bar: 10 min) |")
-    print(f"| sum of job wall times | {job_wall:.0f} s |")
-    print(f"| sum of compute (forward/backward/step) | {compute:.0f} s |")
-    print(f"| in-run harness overhead | {1 - compute / in_run_wall:.1%} "
-          f"({in_run_wall - compute:.0f} s of {in_run_wall:.0f} s) |")
-    print(f"| per-job overhead (with Python start-up and imports) | {1 - compute / job_wall:.1%} "
-          f"({job_wall - compute:.0f} s of {job_wall:.0f} s) |")
-    print(f"| grid overhead (cores x wall, incl. Snakemake, prepare, report) | "
+    print(f"| training jobs (compress + pretrain) | {n_jobs}, {job_wall:.0f} s of job wall time in all |")
+    print(f"| compute (forward/backward/step) | {compute:.0f} s ({compute / job_wall:.1%} of job time) |")
+    print(f"| harness work in a run (data, evaluation, checkpoints, MLflow, counting, checking) | "
+          f"{in_run_wall - compute:.0f} s: **in-run overhead {1 - compute / in_run_wall:.1%}** of run wall time |")
+    print(f"| process start-up (Python, torch, MLflow imports) | {startup:.0f} s, {startup / n_jobs:.1f} s per job |")
+    print(f"| per-job overhead (start-up + harness work) | {1 - compute / job_wall:.1%} of job wall time |")
+    print(f"| grid overhead (cores x wall: adds Snakemake, prepare, aggregate, report) | "
           f"{1 - compute / (args.cores * grid_wall):.1%} |")
     print("\n### Accuracy and cost per method and budget (test top-1, mean over seeds)\n")
     print(table.to_markdown(index=False, floatfmt=".4f"))

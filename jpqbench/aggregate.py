@@ -4,27 +4,21 @@ One row per run, one column per figure, so every later view (the comparison tabl
 Pareto plots, a user's own pandas session) is a ``groupby`` away and none of them reads run
 folders itself.
 
-The grid -- which runs a config asks for and where each one lives -- is defined here once
-(:func:`grid`, :class:`GridPoint`) and used twice: by the Snakefile to request the runs and by
-:func:`aggregate` to read exactly those, so the summary of a config never picks up stale runs
-of an earlier, larger grid that are still on disk.
+:func:`aggregate` reads exactly the runs of the config's grid (:mod:`jpqbench.grid`, the same
+definition the Snakefile requests), so the summary of a config never picks up stale runs of
+an earlier, larger grid that are still on disk.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from jpqbench.config import BenchConfig
 from jpqbench.errors import UserError
+from jpqbench.grid import grid
 
-if TYPE_CHECKING:
-    from jpqbench.methods_api import Budget
-
-REFERENCE_KEY = "reference"  # the run-folder name of a budget-free method (the fp32 reference)
 
 # The columns every metrics.json must hold (the runner's contract) and their dtypes. Nullable
 # dtypes, because a reference run has no budget, top-5 is null for <= 10 classes, and a failed
@@ -60,54 +54,6 @@ COLUMNS: dict[str, str] = {
 }
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
 SORT_KEYS = ["dataset", "method", "budget_metric", "budget", "seed"]
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One run of the grid: a method on a dataset at a budget (None: budget-free) with a seed."""
-
-    dataset: str
-    method: str
-    budget: Budget | None
-    seed: int
-
-    @property
-    def budget_key(self) -> str:
-        """The budget's folder name: ``bops-0.05``, or ``reference`` for a budget-free method."""
-        return self.budget.key if self.budget else REFERENCE_KEY
-
-    def run_dir(self, runs_root: Path) -> Path:
-        """``<runs_root>/<dataset>/<method>/<budget_key>/s<seed>``: where the run writes its files."""
-        return Path(runs_root) / self.dataset / self.method / self.budget_key / f"s{self.seed}"
-
-
-def grid(config: BenchConfig) -> list[GridPoint]:
-    """Every run of ``config``: budget-free methods once per seed, the others at every budget too."""
-    # imported here, not at the top: it loads torch and the method plugins, which the report
-    # notebook (it only needs read_summary) has no use for
-    from jpqbench.methods_api import Budget, method_takes_budget
-
-    points = []
-    for dataset in config.datasets:
-        for method in config.methods:
-            budgets = ([Budget(config.budget_metric, target) for target in config.budgets]
-                       if method_takes_budget(method) else [None])
-            points += [GridPoint(dataset, method, budget, seed) for budget in budgets for seed in config.seeds]
-    return points
-
-
-def budget_from_key(key: str) -> Budget | None:
-    """The inverse of :attr:`GridPoint.budget_key`: ``bops-0.05`` -> ``Budget("bops", 0.05)``."""
-    from jpqbench.methods_api import Budget
-
-    if key == REFERENCE_KEY:
-        return None
-    metric, _, target = key.partition("-")
-    try:
-        return Budget(metric, float(target))
-    except ValueError:
-        raise UserError(f"budget folder name {key!r} is not <metric>-<target>",
-                        f"use e.g. bops-0.05, size-0.1 or {REFERENCE_KEY}") from None
 
 
 def _read_metrics(path: Path, runs_root: Path) -> dict:

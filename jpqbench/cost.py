@@ -61,7 +61,7 @@ class CostReport:
     weight_bits: float
     params: int
     kept_params: int
-    nonzero_params: float
+    nonzero_params: int
     activation_bits_peak: float
     dense_macs: float
     dense_bops: float
@@ -192,5 +192,5 @@ def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan 
         params += int(full["kept_params"])
     return CostReport(macs=totals["macs"], bops=totals["bops"], weight_bits=totals["weight_bits"],
                       params=params, kept_params=int(totals["kept_params"]),
-                      nonzero_params=totals["nonzero_params"], activation_bits_peak=peak,
+                      nonzero_params=round(totals["nonzero_params"]), activation_bits_peak=peak,
                       dense_macs=dense["macs"], dense_bops=dense["bops"], dense_weight_bits=dense["weight_bits"])

@@ -33,6 +33,7 @@ from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
+from jpqbench.grid import GridPoint
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
@@ -65,7 +66,7 @@ def default_checkpoint(config: BenchConfig, dataset: str, seed: int) -> Path:
 
 
 def default_run_dir(config: BenchConfig, dataset: str, method: str, budget: Budget | None, seed: int) -> Path:
-    return Path(config.results_root) / "runs" / dataset / method / (budget.key if budget else "reference") / f"s{seed}"
+    return GridPoint(dataset, method, budget, seed).run_dir(Path(config.results_root) / "runs")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -82,6 +83,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[str, Any]:
     """Train the shared FP32 starting point of (dataset, model, seed); write it to ``out``."""
+    wall_start = time.perf_counter()
     data = load_data(config, dataset)
     recipe = config.datasets[dataset]
     seed_everything(seed)
@@ -94,7 +96,6 @@ def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[st
                      max_steps_per_epoch=recipe.max_steps_per_epoch)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
-    wall_start = time.perf_counter()
     with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", work / "mlflow_run_id", tags) as tracker:
         tracker.log_params({**recipe.model_dump(), "seed": seed})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
@@ -177,7 +178,7 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
-    run_name = f"{request.dataset}/{request.method}/{budget.key if budget else 'reference'}/s{request.seed}"
+    run_name = GridPoint(request.dataset, request.method, budget, request.seed).run_dir(Path()).as_posix()
     with tracked_run(config, run_name, work / "mlflow_run_id", tags) as tracker:
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jpqbench.aggregate import COLUMNS, GridPoint, aggregate, budget_from_key, read_summary
+from jpqbench.aggregate import COLUMNS, aggregate, read_summary
+from jpqbench.grid import GridPoint, budget_from_key
 from jpqbench.config import BenchConfig
 from jpqbench.errors import UserError
 from jpqbench.report import FIGURES, comparison_table, render
