@@ -35,6 +35,7 @@ class TrainRecipe(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+    eval_every: int = Field(5, ge=1, description="validation accuracy every N epochs (and at each phase's end)")
 
 
 class BenchConfig(_Strict):

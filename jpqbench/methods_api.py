@@ -104,7 +104,8 @@ class RunContext:
         self.epochs_used += epochs
         spec = TrainSpec(epochs=epochs, lr=lr or self.recipe.finetune_lr, batch_size=self.recipe.batch_size,
                          optimizer=self.recipe.optimizer, momentum=self.recipe.momentum,
-                         weight_decay=self.recipe.weight_decay, max_steps_per_epoch=self.recipe.max_steps_per_epoch)
+                         weight_decay=self.recipe.weight_decay, max_steps_per_epoch=self.recipe.max_steps_per_epoch,
+                         eval_every=self.recipe.eval_every)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         result = fit(model, self.data, spec, seed=self.seed, phase=phase,
                      checkpoint=self.work_dir / f"{phase}.pt", hooks=hooks, log=self.log_metrics)

@@ -93,15 +93,14 @@ def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[st
     work.mkdir(exist_ok=True)
     spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                      optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                     max_steps_per_epoch=recipe.max_steps_per_epoch)
+                     max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
     with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", work / "mlflow_run_id", tags) as tracker:
         tracker.log_params({**recipe.model_dump(), "seed": seed})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
-        val = evaluate(model, data, "val", recipe.batch_size)["top1"]
-        figures = {"val_top1": val, "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
+        figures = {"val_top1": result.history[-1]["val_top1"], "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
                    "wall_time_s": time.perf_counter() - wall_start}
         tracker.log_metrics(figures, recipe.pretrain_epochs)
         _atomic_torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
