@@ -9,7 +9,7 @@ A compression run:
 5. counts the cost with the one counter, evaluates on the test split **once**, and writes
    ``plan.json``, ``model.pt`` and finally ``metrics.json`` -- each atomically, so an
    interrupted run never leaves a file that Snakemake would take as done;
-6. mirrors everything into one MLflow run.
+6. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
 run id): a killed run resumes from its last epoch and ends with the same result.
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from jpqbench.config import BenchConfig, TrainRecipe
@@ -206,7 +207,9 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
         }
         out.mkdir(parents=True, exist_ok=True)
         compressed.plan.save(work / "plan.json")
+        (work / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
         tracker.log_artifact(work / "plan.json")
+        tracker.log_artifact(work / "config.yaml")
         _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
         _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
         metrics["wall_time_s"] = time.perf_counter() - wall_start

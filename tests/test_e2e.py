@@ -3,8 +3,9 @@ stage runs Snakemake, every job calls the `jpqbench` CLI and logs to a real MLfl
 
 Grid: 2 methods (qat, prune_then_quantize) x 1 budget x 1 seed on the embedded digits, a few
 steps per epoch. Checked: the outputs exist and agree with each other, MLflow holds exactly
-one finished run per job with the right tags and metrics, Snakemake has nothing left to do,
-and `dvc status` is clean after `dvc repro`.
+one finished run per job with the right tags, metrics and artifacts, Snakemake has nothing
+left to do and renders its own report, `dvc status` is clean after `dvc repro`, and `dvc push`
+stores the outputs.
 """
 from __future__ import annotations
 
@@ -84,8 +85,12 @@ def test_dvc_repro_runs_the_grid_through_snakemake_and_mlflow(tmp_path: Path, mo
             summary.set_index("method").loc[method, "top1"])
         assert compress.loc[method, "tags.seed"] == "0" and compress.loc[method, "tags.budget"] == "0.05"
         assert compress.loc[method, "run_id"] == summary.set_index("method").loc[method, "mlflow_run_id"]
+        artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(compress.loc[method, "run_id"])}
+        assert artifacts == {"plan.json", "config.yaml"}
 
     assert "Nothing to be done" in _run(["snakemake", "-n", "--cores", "1"], work, env)
+    _run(["snakemake", "--report", "snakemake-report.zip"], work, env)
+    assert (work / "snakemake-report.zip").stat().st_size > 0
     status = _run(["dvc", "status"], work, env)
     assert "up to date" in status.lower(), status
     _run(["dvc", "push", "-q"], work, env)
