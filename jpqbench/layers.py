@@ -107,7 +107,3 @@ def mask_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: torch.Tensor) -> N
         return
     bn.register_buffer("channel_mask", mask.clone().float())
     bn.register_forward_hook(_mask_output)
-
-
-def output_channels(layer: nn.Module) -> int:
-    return layer.weight.shape[0]

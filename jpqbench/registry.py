@@ -24,7 +24,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from jpqbench.errors import UserError
 
@@ -72,13 +72,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         discover_plugins()
         return sorted(self._items)
-
-    def __contains__(self, name: str) -> bool:
-        discover_plugins()
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
 
 METHODS: Registry = Registry("method")
