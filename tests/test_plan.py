@@ -150,11 +150,17 @@ def test_refuses_masked_conv_whose_batchnorm_is_not_masked() -> None:
     verify_plan(plan, model, batch)
 
 
-def test_refuses_weight_bits_below_the_quantizer(batch: torch.Tensor) -> None:
+@pytest.fixture
+def uniform8(batch: torch.Tensor) -> tuple[nn.Module, CompressionPlan]:
+    """digits_cnn at 8-bit weights and inputs, calibrated, with its truthful plan."""
     model = MODELS.get("digits_cnn")(10, SHAPE)
     quantize_uniform(model, 8, 8)
     calibrate(model, [batch])
-    plan = plan_from_model(model, "t")
+    return model, plan_from_model(model, "t")
+
+
+def test_refuses_weight_bits_below_the_quantizer(uniform8, batch: torch.Tensor) -> None:
+    model, plan = uniform8
     verify_plan(plan, model, batch)
     for layer in plan.layers.values():
         layer.w_bits = 4
@@ -162,11 +168,8 @@ def test_refuses_weight_bits_below_the_quantizer(batch: torch.Tensor) -> None:
         verify_plan(plan, model, batch)
 
 
-def test_refuses_per_channel_weight_bits_below_the_quantizer(batch: torch.Tensor) -> None:
-    model = MODELS.get("digits_cnn")(10, SHAPE)
-    quantize_uniform(model, 8, 8)
-    calibrate(model, [batch])
-    plan = plan_from_model(model, "t")
+def test_refuses_per_channel_weight_bits_below_the_quantizer(uniform8, batch: torch.Tensor) -> None:
+    model, plan = uniform8
     layer = plan.layers["blocks.1.body.0"]
     layer.w_bits = [8] * layer.out_channels
     layer.w_bits[3] = 2
@@ -174,11 +177,8 @@ def test_refuses_per_channel_weight_bits_below_the_quantizer(batch: torch.Tensor
         verify_plan(plan, model, batch)
 
 
-def test_refuses_activation_bits_below_the_quantizer(batch: torch.Tensor) -> None:
-    model = MODELS.get("digits_cnn")(10, SHAPE)
-    quantize_uniform(model, 8, 8)
-    calibrate(model, [batch])
-    plan = plan_from_model(model, "t")
+def test_refuses_activation_bits_below_the_quantizer(uniform8, batch: torch.Tensor) -> None:
+    model, plan = uniform8
     for layer in plan.layers.values():
         layer.a_bits = 4
     with pytest.raises(PlanMismatch, match=r"input takes more than 2\*\*4 distinct values"):
