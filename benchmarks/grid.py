@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
+
+from jpqbench.aggregate import read_summary
+from jpqbench.report import GROUP_KEYS, comparison_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,13 +70,9 @@ def main() -> int:
     compute = sum(r["compute_time_s"] for r in runs) + sum(p["compute_time_s"] for p in pretrains)
     in_run_wall = sum(r["wall_time_s"] for r in runs) + sum(p["wall_time_s"] for p in pretrains)
     job_wall = sum(jobs.values())
-    summary = pd.read_csv(results / "summary.csv")
-    table = (summary.groupby(["method", "budget"], dropna=False)
-             .agg(seeds=("seed", "count"), top1_mean=("top1", "mean"), top1_std=("top1", "std"),
-                  relative_bops=("relative_bops", "mean"), relative_size=("relative_size", "mean"),
-                  weight_kb=("weight_size_kb", "mean"), target_met=("target_met", "all"),
-                  compute_s=("compute_time_s", "mean"), wall_s=("wall_time_s", "mean"))
-             .reset_index())
+    summary = read_summary(results / "summary.csv")
+    table = comparison_table(summary).join(
+        summary.groupby(GROUP_KEYS, dropna=False)[["compute_time_s", "wall_time_s"]].mean()).reset_index()
 
     print(f"## Default grid (`config/config.yaml`), commit {commit}\n")
     print(f"Command: `python benchmarks/grid.py --cores {args.cores}` "
@@ -93,8 +91,8 @@ def main() -> int:
     print(f"| per-job overhead (start-up + harness work) | {1 - compute / job_wall:.1%} of job wall time |")
     print(f"| grid overhead (cores x wall: adds Snakemake, prepare, aggregate, report) | "
           f"{1 - compute / (args.cores * grid_wall):.1%} |")
-    print("\n### Accuracy and cost per method and budget (test top-1, mean over seeds)\n")
-    print(table.to_markdown(index=False, floatfmt=".4f"))
+    print("\n### Accuracy and cost per method and budget (test top-1 in %, mean and std over seeds)\n")
+    print(table.drop(columns=["dataset", "model", "budget_metric"]).to_markdown(index=False, floatfmt=".4g"))
     if not args.keep:
         print(f"\n(clone left in {workdir} for inspection)", file=sys.stderr)
     return 0
