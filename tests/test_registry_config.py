@@ -28,7 +28,7 @@ def _raw(**overrides) -> dict:
 # ---------------------------------------------------------------- registries
 def test_builtin_plugins_are_registered() -> None:
     assert BUILTIN_METHODS <= set(METHODS.names())
-    assert "digits" in DATASETS and {"resnet8", "resnet20", "digits_cnn", "resnet18"} <= set(MODELS.names())
+    assert "digits" in DATASETS.names() and {"resnet8", "resnet20", "digits_cnn", "resnet18"} <= set(MODELS.names())
 
 
 @pytest.mark.parametrize("registry_, kind, known", [
