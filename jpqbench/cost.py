@@ -177,7 +177,6 @@ def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan 
     if unknown:
         raise ValueError(f"plan names layers the model does not have: {sorted(unknown)}")
     shapes, alive = _probe(model, input_shape, plan)
-    _, alive_dense = _probe(model, input_shape, None)
     totals = dict.fromkeys(["macs", "bops", "weight_bits", "kept_params", "nonzero_params"], 0.0)
     dense = dict.fromkeys(["macs", "bops", "weight_bits"], 0.0)
     params, peak = 0, 0.0
@@ -186,7 +185,8 @@ def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan 
         for key in totals:
             totals[key] += layer[key]
         peak = max(peak, layer["activation_bits"])
-        full = _layer_cost(shape, dense_plan.layers[name], alive_dense[name])
+        # in the dense model every input channel is alive: the positive probe cannot zero one
+        full = _layer_cost(shape, dense_plan.layers[name], torch.ones(shape.in_channels, dtype=torch.bool))
         for key in dense:
             dense[key] += full[key]
         params += int(full["kept_params"])
