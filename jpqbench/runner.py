@@ -35,10 +35,10 @@ from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
 from jpqbench.grid import GridPoint
-from jpqbench.methods_api import Budget, RunContext, get_method
+from jpqbench.methods_api import Budget, Compressed, RunContext, get_method
 from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
-from jpqbench.tracking import git_commit, tracked_run
+from jpqbench.tracking import Tracker, git_commit, tracked_run
 from jpqbench.train import TrainSpec, fit
 
 
@@ -160,12 +160,12 @@ def _validate(config: BenchConfig, request: RunRequest) -> type:
 
 def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
     """Compress, verify, count, evaluate and record one (method, dataset, budget, seed)."""
-    wall_start = time.perf_counter()
     method_cls = _validate(config, request)
     data = load_data(config, request.dataset)
     recipe = config.datasets[request.dataset]
     if request.pretrain_if_missing and not request.checkpoint.exists():
         pretrain(config, request.dataset, request.seed, request.checkpoint)
+    wall_start = time.perf_counter()
     seed_everything(request.seed)
     model = load_checkpoint(request.checkpoint, recipe, data)
     method = method_cls(**config.method_params.get(request.method, {}))
@@ -196,8 +196,7 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
             "budget_metric": budget.metric if budget else None, "budget": budget.target if budget else None,
             "seed": request.seed, "epochs": epochs, "epochs_used": ctx.epochs_used,
             "top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
-            **{k: v for k, v in cost.to_dict().items() if not k.startswith("dense_")},
-            "dense_macs": cost.dense_macs,
+            **cost.to_dict(),
             "achieved": achieved, "target_met": None if budget is None else bool(achieved <= budget.target * 1.10),
             "compute_time_s": sum(r.compute_s for r in ctx.train_results),
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
@@ -205,17 +204,24 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
             "status": "ok", "mlflow_run_id": tracker.run_id, "data_hash": data.fingerprint,
             "git_commit": git_commit(),
         }
-        out.mkdir(parents=True, exist_ok=True)
-        compressed.plan.save(work / "plan.json")
-        (work / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-        tracker.log_artifact(work / "plan.json")
-        tracker.log_artifact(work / "config.yaml")
-        _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
-        _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
-        metrics["wall_time_s"] = time.perf_counter() - wall_start
-        tracker.log_metrics({k: float(v) for k, v in metrics.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, epochs)
-        tracker.set_tags({"target_met": metrics["target_met"], "status": "ok"})
-        _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        _write_outputs(config, compressed, metrics, wall_start, out, work, tracker)
     shutil.rmtree(work)
     return metrics
+
+
+def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[str, Any], wall_start: float,
+                   out: Path, work: Path, tracker: Tracker) -> None:
+    """plan.json and model.pt, then metrics.json last (its presence marks a finished run); each
+    written atomically. The plan and config also go to MLflow as artifacts."""
+    out.mkdir(parents=True, exist_ok=True)
+    compressed.plan.save(work / "plan.json")
+    (work / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    tracker.log_artifact(work / "plan.json")
+    tracker.log_artifact(work / "config.yaml")
+    _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
+    _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
+    metrics["wall_time_s"] = time.perf_counter() - wall_start
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, metrics["epochs"])
+    tracker.set_tags({"target_met": metrics["target_met"], "status": "ok"})
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
