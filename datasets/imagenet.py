@@ -43,9 +43,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from jpqbench.data import DataBundle, DatasetPlugin
+from jpqbench.data import DataBundle, DatasetPlugin, ImageFiles
 from jpqbench.errors import UserError
 from jpqbench.registry import register_dataset
 
@@ -61,34 +60,6 @@ STD = (0.229, 0.224, 0.225)
 
 # torchvision is imported inside the functions that use it: every dataset plugin is imported
 # whenever the registry is read, and that import costs seconds.
-
-
-class ImageFiles(Dataset):
-    """Image files decoded on access: ``paths[i]`` with class index ``targets[i]``.
-
-    A map-style dataset, so a ``DistributedSampler`` can shard it. ``transform`` takes the
-    decoded uint8 (3, H, W) RGB tensor and returns the float32 model input; random
-    transforms draw from torch's global RNG, which a run seeds.
-    """
-
-    def __init__(self, paths: list[Path], targets: torch.Tensor,
-                 transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.paths = paths
-        self.targets = targets
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29;
-        # convert("RGB") also covers ImageNet's few greyscale and CMYK JPEGs.
-        from PIL import Image
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        with Image.open(self.paths[index]) as image:
-            pixels = pil_to_tensor(image.convert("RGB"))
-        return self.transform(pixels), self.targets[index]
 
 
 def _transform(train: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -39,6 +41,34 @@ class TensorSplit(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
         return self.inputs[idx], self.targets[idx]
+
+
+class ImageFiles(Dataset):
+    """Image files decoded on access: ``paths[i]`` with class index ``targets[i]``.
+
+    A map-style dataset, so a ``DistributedSampler`` can shard it. ``transform`` takes the
+    decoded uint8 (3, H, W) RGB tensor and returns the float32 model input; random
+    transforms draw from torch's global RNG, which a run seeds.
+    """
+
+    def __init__(self, paths: list[Path], targets: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.paths = paths
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29;
+        # convert("RGB") also covers ImageNet's few greyscale and CMYK JPEGs.
+        from PIL import Image
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        with Image.open(self.paths[index]) as image:
+            pixels = pil_to_tensor(image.convert("RGB"))
+        return self.transform(pixels), self.targets[index]
 
 
 def _identity(batch):
