@@ -178,6 +178,7 @@ def featurise(waves: torch.Tensor, mfcc: torch.nn.Module) -> torch.Tensor:
 
 
 def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-coefficient standardisation with the training statistics (broadcast over frames)."""
     return (features - mean) / std
 
 
@@ -185,7 +186,7 @@ def _features(waves: torch.Tensor, mfcc: torch.nn.Module) -> torch.Tensor:
     """Un-augmented MFCCs of int16 clips, computed in chunks to bound memory."""
     chunks = [featurise(waves[start:start + FEATURE_CHUNK].float() / INT16_SCALE, mfcc)
               for start in range(0, len(waves), FEATURE_CHUNK)]
-    return torch.cat(chunks) if chunks else torch.empty(0, 1, FRAMES, N_MFCC)
+    return torch.cat(chunks)  # never empty: _read_split refuses a split without keyword clips
 
 
 def _silence(noises: list[np.ndarray], count: int, rng: np.random.Generator) -> list[np.ndarray]:
