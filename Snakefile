@@ -10,6 +10,7 @@ reads back, so the workflow and the summary can never disagree about what the gr
 import os
 
 from jpqbench.grid import budget_from_key, grid
+from jpqbench.methods_api import make_method
 from jpqbench.config import load_config
 
 # The default grid. `--configfile FILE` replaces it: the jobs are handed one file
@@ -36,7 +37,7 @@ RESULTS = cfg.results_root
 RUNS = f"{RESULTS}/runs"
 TRACKING = f"{RESULTS}/.tracking-ready"
 CHECKPOINT = RESULTS + "/checkpoints/{dataset}/{model}/s{seed}.pt"
-RUN = RUNS + "/{dataset}/{method}/{budgetkey}/s{seed}"
+RUN = RUNS + "/{dataset}/{model}/{method}/{budgetkey}/s{seed}"
 GRID = grid(cfg)
 
 wildcard_constraints:
@@ -47,10 +48,9 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def checkpoint_of(wildcards):
-    """The FP32 checkpoint a run starts from: its dataset's model, pretrained with its seed."""
-    return CHECKPOINT.format(dataset=wildcards.dataset, model=cfg.datasets[wildcards.dataset].model,
-                             seed=wildcards.seed)
+def recipe_of(wildcards):
+    """The (dataset, model)'s training recipe: a param, so a changed recipe re-runs the job."""
+    return cfg.recipe(wildcards.dataset, wildcards.model).model_dump()
 
 
 def budget_args(wildcards):
@@ -93,21 +93,21 @@ rule pretrain:
     output:
         CHECKPOINT,
     params:
-        # a changed recipe re-runs the job (Snakemake's params rerun trigger)
-        recipe=lambda wildcards: cfg.datasets[wildcards.dataset].model_dump(),
+        recipe=recipe_of,
     log:
         f"{RESULTS}/logs/pretrain/{{dataset}}/{{model}}/s{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{dataset}}/{{model}}/s{{seed}}.tsv"
     threads: 1
     shell:
-        "jpqbench pretrain --dataset {wildcards.dataset} --seed {wildcards.seed} --config {CONFIG_FILE} "
+        "jpqbench pretrain --dataset {wildcards.dataset} --model {wildcards.model} --seed {wildcards.seed} "
+        "--config {CONFIG_FILE} "
         "--out {output} > {log} 2>&1"
 
 
 rule compress:
     input:
-        checkpoint=checkpoint_of,
+        checkpoint=CHECKPOINT,
         tracking=ancient(TRACKING),
     output:
         plan=f"{RUN}/plan.json",
@@ -117,16 +117,17 @@ rule compress:
         budget=budget_args,
         out=RUN,
         # a changed recipe or method hyperparameters re-run the job
-        recipe=lambda wildcards: cfg.datasets[wildcards.dataset].model_dump(),
-        hparams=lambda wildcards: cfg.method_params.get(wildcards.method, {}),
+        recipe=recipe_of,
+        hparams=lambda wildcards: make_method(wildcards.method, cfg.method_params).hp.model_dump(),
     log:
-        f"{RESULTS}/logs/compress/{{dataset}}/{{method}}/{{budgetkey}}/s{{seed}}.log",
+        f"{RESULTS}/logs/compress/{{dataset}}/{{model}}/{{method}}/{{budgetkey}}/s{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/compress/{{dataset}}/{{method}}/{{budgetkey}}/s{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/compress/{{dataset}}/{{model}}/{{method}}/{{budgetkey}}/s{{seed}}.tsv"
     threads: 1
     shell:
-        "jpqbench run --method {wildcards.method} --dataset {wildcards.dataset} {params.budget} "
-        "--seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} --out {params.out} "
+        "jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
+        "{params.budget} --seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} "
+        "--out {params.out:q} "
         "> {log} 2>&1"
 
 

@@ -53,7 +53,7 @@ COLUMNS: dict[str, str] = {
     "data_hash": "string",
 }
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
-SORT_KEYS = ["dataset", "method", "budget_metric", "budget", "seed"]
+SORT_KEYS = ["dataset", "model", "method", "budget_metric", "budget", "seed"]
 
 
 def _read_metrics(path: Path, runs_root: Path) -> dict:

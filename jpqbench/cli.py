@@ -2,8 +2,8 @@
 
     jpqbench list methods|datasets|models
     jpqbench prepare   --dataset D
-    jpqbench pretrain  --dataset D --seed S [--out CKPT]
-    jpqbench run       --method M --dataset D [--budget 0.05 --budget-metric bops|size] --seed S
+    jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
+    jpqbench run       --method M --dataset D [--model M] [--budget 0.05 --budget-metric bops|size] --seed S
                        [--epochs N] [--checkpoint CKPT] [--out DIR]
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
@@ -64,10 +64,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from jpqbench.runner import default_checkpoint, pretrain
 
     config = _config(args)
-    if args.dataset not in config.datasets:
-        raise UserError(f"dataset {args.dataset!r} is not in {args.config}", f"use one of: {', '.join(config.datasets)}")
-    out = Path(args.out) if args.out else default_checkpoint(config, args.dataset, args.seed)
-    result = pretrain(config, args.dataset, args.seed, out)
+    model = config.recipe(args.dataset, args.model).model
+    out = Path(args.out) if args.out else default_checkpoint(config, args.dataset, model, args.seed)
+    result = pretrain(config, args.dataset, model, args.seed, out)
     print(f"pretrained {out}: val top-1 {result['val_top1']:.4f}")
 
 
@@ -79,18 +78,20 @@ def _budget(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> None:
     _import_training_stack()
+    from jpqbench.grid import GridPoint
     from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, run
 
     config = _config(args)
-    if args.dataset not in config.datasets:
-        raise UserError(f"dataset {args.dataset!r} is not in {args.config}", f"use one of: {', '.join(config.datasets)}")
+    model = config.recipe(args.dataset, args.model).model
     budget = _budget(args)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(config, args.dataset, args.seed)
-    out = Path(args.out) if args.out else default_run_dir(config, args.dataset, args.method, budget, args.seed)
-    metrics = run(config, RunRequest(args.method, args.dataset, args.seed, budget, checkpoint, out, args.epochs,
-                                     pretrain_if_missing=not args.checkpoint))
+    checkpoint = (Path(args.checkpoint) if args.checkpoint
+                  else default_checkpoint(config, args.dataset, model, args.seed))
+    out = (Path(args.out) if args.out
+           else default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, args.seed)))
+    metrics = run(config, RunRequest(args.method, args.dataset, model, args.seed, budget, checkpoint, out,
+                                     args.epochs, pretrain_if_missing=not args.checkpoint))
     target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
-    print(f"{args.method} on {args.dataset} (seed {args.seed}, budget {target}): top-1 {metrics['top1']:.4f}, "
+    print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, budget {target}): top-1 {metrics['top1']:.4f}, "
           f"relative BOPs {metrics['relative_bops']:.4f}, relative size {metrics['relative_size']:.4f} "
           f"({metrics['weight_size_kb']:.2f} kB), target met: {metrics['target_met']}\nwrote {out}")
 
@@ -171,19 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("pretrain", help="train the shared FP32 checkpoint")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--model", help="model zoo name; needed when the config lists several for the dataset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="checkpoint path (default: results/checkpoints/<dataset>/<model>/s<seed>.pt)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = command("run", help="compress one (method, dataset, budget, seed)")
-    p.add_argument("--method", required=True)
+    p = command("run", help="compress one (method, dataset, model, budget, seed)")
+    p.add_argument("--method", required=True, help="a registered name or a variant, e.g. 'noncomm[order=pq]'")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--model", help="model zoo name; needed when the config lists several for the dataset")
     p.add_argument("--budget", type=float, help="target cost as a fraction of FP32, in (0, 1)")
     p.add_argument("--budget-metric", choices=["bops", "size"], default="bops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the config's compression epochs")
     p.add_argument("--checkpoint", help="FP32 checkpoint (default: the grid's; pretrained if absent)")
-    p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<method>/<budget>/s<seed>)")
+    p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<model>/<method>/<budget>/s<seed>)")
     p.set_defaults(func=cmd_run)
 
     p = command("cost", help="MACs, BOPs, weight bits and parameter counts of a model (and plan)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jpqbench.errors import UserError
 
@@ -22,10 +22,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainRecipe(_Strict):
-    """One dataset's training recipe; the same for every method (the comparison contract)."""
+class Recipe(_Strict):
+    """The training hyperparameters of one benchmark; the same for every method (the comparison contract)."""
 
-    model: str = Field(description="model zoo name (`jpqbench list models`)")
     pretrain_epochs: int = Field(ge=1, description="epochs of FP32 pretraining")
     epochs: int = Field(ge=1, description="epochs every method gets for compression + fine-tuning")
     batch_size: int = Field(ge=1)
@@ -36,6 +35,41 @@ class TrainRecipe(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
     eval_every: int = Field(5, ge=1, description="validation accuracy every N epochs (and at each phase's end)")
+
+
+class TrainRecipe(Recipe):
+    """A :class:`Recipe` bound to its model: what a pretraining or compression run is given."""
+
+    model: str = Field(description="model zoo name (`jpqbench list models`)")
+
+
+class DatasetGrid(Recipe):
+    """One dataset of the grid: its models, and the recipe they share.
+
+    ``models`` maps each model zoo name to the recipe keys that differ for that model (``{}``
+    for none), so CIFAR-10's ResNet-8, ResNet-20 and VGG7 share one block and differ where
+    their papers differ.
+    """
+
+    models: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    seeds: list[int] | None = Field(None, min_length=1, description="this dataset's seeds (default: the grid's)")
+
+    @model_validator(mode="after")
+    def _overrides_are_recipes(self) -> "DatasetGrid":
+        for model in self.models:
+            self.recipe(model)
+        return self
+
+    def recipe(self, model: str) -> TrainRecipe:
+        """The shared recipe with ``model``'s overrides applied."""
+        shared = self.model_dump(exclude={"models", "seeds"})
+        try:
+            return TrainRecipe(**{**shared, **(self.models[model] or {}), "model": model})
+        except ValidationError as error:
+            problems = "; ".join(f"models.{model}.{'.'.join(map(str, item['loc']))}: "
+                                 + ("unknown key" if item["type"] == "extra_forbidden" else item["msg"])
+                                 for item in error.errors())
+            raise ValueError(problems) from None
 
 
 class BenchConfig(_Strict):
@@ -50,8 +84,35 @@ class BenchConfig(_Strict):
     budget_metric: BudgetMetric = "bops"
     budgets: list[float] = Field(min_length=1)
     methods: list[str] = Field(min_length=1)
-    datasets: dict[str, TrainRecipe] = Field(min_length=1)
+    datasets: dict[str, DatasetGrid] = Field(min_length=1)
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def benchmarks(self) -> list[tuple[str, str]]:
+        """Every (dataset, model) pair of the grid, in config order."""
+        return [(dataset, model) for dataset, entry in self.datasets.items() for model in entry.models]
+
+    def seeds_of(self, dataset: str) -> list[int]:
+        """The seeds ``dataset`` runs with: its own ``seeds`` if given, else the grid's."""
+        return self.datasets[dataset].seeds or self.seeds
+
+    def recipe(self, dataset: str, model: str | None = None) -> TrainRecipe:
+        """The recipe of ``model`` on ``dataset``; ``model`` may be omitted when the dataset has one.
+
+        Raises a :class:`UserError` naming the choices when the pair is not in the grid.
+        """
+        if dataset not in self.datasets:
+            raise UserError(f"dataset {dataset!r} is not in the config's `datasets`",
+                            f"use one of: {', '.join(self.datasets)}, or add it to the config")
+        models = self.datasets[dataset].models
+        if model is None:
+            if len(models) > 1:
+                raise UserError(f"dataset {dataset!r} has several models in the config ({', '.join(models)})",
+                                "pick one with --model")
+            model = next(iter(models))
+        if model not in models:
+            raise UserError(f"model {model!r} is not configured for dataset {dataset!r}",
+                            f"use one of: {', '.join(models)}, or add it under datasets.{dataset}.models")
+        return self.datasets[dataset].recipe(model)
 
     @field_validator("budgets")
     @classmethod
@@ -82,22 +143,24 @@ def _format_errors(error: ValidationError, source: str) -> str:
 
 def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchConfig:
     """Validate a raw mapping (as Snakemake's ``config``) and check names against the registries."""
-    from jpqbench.registry import DATASETS, METHODS, MODELS
+    from jpqbench.methods_api import make_method, parse_method_spec
+    from jpqbench.registry import DATASETS, MODELS
 
     try:
         config = BenchConfig.model_validate(raw)
     except ValidationError as error:
         raise UserError(_format_errors(error, source),
                         "correct the keys above; the schema is jpqbench/config.py (BenchConfig)") from None
-    for method in config.methods:
-        METHODS.get(method)
+    names = {parse_method_spec(spec)[0] for spec in config.methods}
     for method in config.method_params:
-        if method not in config.methods:
+        if method not in names:
             raise UserError(f"invalid config {source}: method_params.{method} names a method not in `methods`",
                             f"add {method!r} to `methods` or remove its parameters")
-    for dataset, recipe in config.datasets.items():
+    for spec in config.methods:
+        make_method(spec, config.method_params)  # unknown name or bad hyperparameter: an error here
+    for dataset, model in config.benchmarks():
         DATASETS.get(dataset)
-        MODELS.get(recipe.model)
+        MODELS.get(model)
     return config
 
 

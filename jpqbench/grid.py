@@ -20,9 +20,10 @@ REFERENCE_KEY = "reference"  # the run-folder name of a budget-free method (the 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One run of the grid: a method on a dataset at a budget (None: budget-free) with a seed."""
+    """One run of the grid: a method on a (dataset, model) at a budget (None: budget-free) with a seed."""
 
     dataset: str
+    model: str
     method: str
     budget: Budget | None
     seed: int
@@ -33,8 +34,8 @@ class GridPoint:
         return self.budget.key if self.budget else REFERENCE_KEY
 
     def run_dir(self, runs_root: Path) -> Path:
-        """``<runs_root>/<dataset>/<method>/<budget_key>/s<seed>``: where the run writes its files."""
-        return Path(runs_root) / self.dataset / self.method / self.budget_key / f"s{self.seed}"
+        """``<runs_root>/<dataset>/<model>/<method>/<budget_key>/s<seed>``: where the run writes its files."""
+        return Path(runs_root) / self.dataset / self.model / self.method / self.budget_key / f"s{self.seed}"
 
 
 def grid(config: BenchConfig) -> list[GridPoint]:
@@ -44,11 +45,12 @@ def grid(config: BenchConfig) -> list[GridPoint]:
     from jpqbench.methods_api import Budget, method_takes_budget
 
     points = []
-    for dataset in config.datasets:
+    for dataset, model in config.benchmarks():
         for method in config.methods:
             budgets = ([Budget(config.budget_metric, target) for target in config.budgets]
                        if method_takes_budget(method) else [None])
-            points += [GridPoint(dataset, method, budget, seed) for budget in budgets for seed in config.seeds]
+            points += [GridPoint(dataset, model, method, budget, seed)
+                       for budget in budgets for seed in config.seeds_of(dataset)]
     return points
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -151,12 +152,41 @@ class Method:
         raise NotImplementedError
 
 
-def get_method(name: str) -> type[Method]:
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name[key=value,...]`` -> (name, hyperparameter overrides).
+
+    A variant lets one grid compare settings of one method side by side, e.g.
+    ``noncomm[order=pq,acts=true]``; values are read as YAML scalars (``true``, ``0.5``, ``pq``).
+    """
+    name, bracket, rest = spec.partition("[")
+    if not bracket:
+        return spec, {}
+    if not rest.endswith("]") or not name:
+        raise UserError(f"method {spec!r} is not of the form name[key=value,...]",
+                        "write e.g. noncomm[order=pq,acts=true]")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise UserError(f"method {spec!r}: {item!r} is not key=value", "write e.g. noncomm[order=pq,acts=true]")
+        overrides[key.strip()] = yaml.safe_load(value.strip())
+    return name, overrides
+
+
+def get_method(spec: str) -> type[Method]:
+    """The plugin class of a method name or variant spec."""
+    name, _ = parse_method_spec(spec)
     cls = METHODS.get(name)
     cls.name = name
     return cls
 
 
-def method_takes_budget(name: str) -> bool:
-    """Whether the grid runs ``name`` at every budget (False: once per seed, as a reference)."""
-    return get_method(name).takes_budget
+def make_method(spec: str, method_params: dict[str, dict[str, Any]] | None = None) -> Method:
+    """Instantiate ``spec`` with the config's ``method_params[name]``, then the variant's overrides."""
+    name, overrides = parse_method_spec(spec)
+    return get_method(name)(**{**(method_params or {}).get(name, {}), **overrides})
+
+
+def method_takes_budget(spec: str) -> bool:
+    """Whether the grid runs ``spec`` at every budget (False: once per seed, as a reference)."""
+    return get_method(spec).takes_budget

@@ -35,7 +35,7 @@ from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
 from jpqbench.grid import GridPoint
-from jpqbench.methods_api import Budget, Compressed, RunContext, get_method
+from jpqbench.methods_api import Budget, Compressed, RunContext, get_method, make_method
 from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
 from jpqbench.tracking import Tracker, git_commit, tracked_run
@@ -51,9 +51,6 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data(config: BenchConfig, dataset: str) -> DataBundle:
-    if dataset not in config.datasets:
-        raise UserError(f"dataset {dataset!r} is not in the config's `datasets`",
-                        f"add it to the config or use one of: {', '.join(config.datasets)}")
     plugin = DATASETS.get(dataset)()
     return plugin.load(Path(config.data_root) / dataset)
 
@@ -62,12 +59,12 @@ def build_model(recipe: TrainRecipe, data: DataBundle) -> nn.Module:
     return MODELS.get(recipe.model)(data.num_classes, data.input_shape)
 
 
-def default_checkpoint(config: BenchConfig, dataset: str, seed: int) -> Path:
-    return Path(config.results_root) / "checkpoints" / dataset / config.datasets[dataset].model / f"s{seed}.pt"
+def default_checkpoint(config: BenchConfig, dataset: str, model: str, seed: int) -> Path:
+    return Path(config.results_root) / "checkpoints" / dataset / model / f"s{seed}.pt"
 
 
-def default_run_dir(config: BenchConfig, dataset: str, method: str, budget: Budget | None, seed: int) -> Path:
-    return GridPoint(dataset, method, budget, seed).run_dir(Path(config.results_root) / "runs")
+def default_run_dir(config: BenchConfig, point: GridPoint) -> Path:
+    return point.run_dir(Path(config.results_root) / "runs")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -82,11 +79,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def pretrain(config: BenchConfig, dataset: str, seed: int, out: Path) -> dict[str, Any]:
+def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out: Path) -> dict[str, Any]:
     """Train the shared FP32 starting point of (dataset, model, seed); write it to ``out``."""
     wall_start = time.perf_counter()
+    recipe = config.recipe(dataset, model_name)
     data = load_data(config, dataset)
-    recipe = config.datasets[dataset]
     seed_everything(seed)
     model = build_model(recipe, data)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +112,7 @@ def load_checkpoint(path: Path, recipe: TrainRecipe, data: DataBundle) -> nn.Mod
     """Rebuild the FP32 model and load its weights, refusing a checkpoint of something else."""
     if not path.is_file():
         raise UserError(f"FP32 checkpoint {path} does not exist",
-                        f"create it with `jpqbench pretrain --dataset {data.name} --seed <seed>`")
+                        f"create it with `jpqbench pretrain --dataset {data.name} --model {recipe.model} --seed <seed>`")
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
         info = {key: state[key] for key in ("model", "dataset", "state_dict")}
@@ -139,6 +136,7 @@ def load_checkpoint(path: Path, recipe: TrainRecipe, data: DataBundle) -> nn.Mod
 class RunRequest:
     method: str
     dataset: str
+    model: str
     seed: int
     budget: Budget | None
     checkpoint: Path
@@ -147,7 +145,8 @@ class RunRequest:
     pretrain_if_missing: bool = False  # train the FP32 checkpoint first when it does not exist
 
 
-def _validate(config: BenchConfig, request: RunRequest) -> type:
+def _validate(config: BenchConfig, request: RunRequest) -> None:
+    config.recipe(request.dataset, request.model)  # the pair must be in the grid
     method_cls = get_method(request.method)
     if method_cls.takes_budget and request.budget is None:
         raise UserError(f"method {request.method!r} needs a budget", "pass --budget (e.g. 0.05) and --budget-metric")
@@ -155,20 +154,19 @@ def _validate(config: BenchConfig, request: RunRequest) -> type:
         raise UserError(f"method {request.method!r} is a reference and takes no budget", "omit --budget")
     if request.epochs is not None and request.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {request.epochs}", "pass a positive number of epochs")
-    return method_cls
 
 
 def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
     """Compress, verify, count, evaluate and record one (method, dataset, budget, seed)."""
-    method_cls = _validate(config, request)
+    _validate(config, request)
     data = load_data(config, request.dataset)
-    recipe = config.datasets[request.dataset]
+    recipe = config.recipe(request.dataset, request.model)
     if request.pretrain_if_missing and not request.checkpoint.exists():
-        pretrain(config, request.dataset, request.seed, request.checkpoint)
+        pretrain(config, request.dataset, request.model, request.seed, request.checkpoint)
     wall_start = time.perf_counter()
     seed_everything(request.seed)
     model = load_checkpoint(request.checkpoint, recipe, data)
-    method = method_cls(**config.method_params.get(request.method, {}))
+    method = make_method(request.method, config.method_params)
     out, work = request.out, request.out / ".work"
     for stale in ("metrics.json", "plan.json", "model.pt"):
         (out / stale).unlink(missing_ok=True)
@@ -178,7 +176,7 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
-    run_name = GridPoint(request.dataset, request.method, budget, request.seed).run_dir(Path()).as_posix()
+    run_name = GridPoint(request.dataset, request.model, request.method, budget, request.seed).run_dir(Path()).as_posix()
     with tracked_run(config, run_name, work / "mlflow_run_id", tags) as tracker:
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})

@@ -18,7 +18,7 @@ def write_config(path: Path, root: Path, *, data_root: Path | None = None, exper
         "seeds: [0]\n"
         "budgets: [0.05]\n"
         "methods: [fp32, ptq]\n"
-        "datasets: {digits: {model: digits_cnn, pretrain_epochs: 1, epochs: 1, batch_size: 64, lr: 0.05,"
+        "datasets: {digits: {models: {digits_cnn: {}}, pretrain_epochs: 1, epochs: 1, batch_size: 64, lr: 0.05,"
         " finetune_lr: 0.01, max_steps_per_epoch: 3}}\n" + extra)
     return path
 

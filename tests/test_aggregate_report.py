@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ RUNS = [
 ]
 STALE = ("qat", 0.1, 7, 0.99, 0.09, True, "ok")
 CONFIG = BenchConfig(seeds=[0, 1], budget_metric="bops", budgets=[0.02, 0.05], methods=["fp32", "qat"],
-                     datasets={"digits": {"model": "digits_cnn", "pretrain_epochs": 1, "epochs": 1,
+                     datasets={"digits": {"models": {"digits_cnn": {}}, "pretrain_epochs": 1, "epochs": 1,
                                           "batch_size": 8, "lr": 0.1, "finetune_lr": 0.01}})
 
 
@@ -59,7 +60,7 @@ def metrics_record(method: str, budget: float | None, seed: int, top1: float, re
 def write_run(runs_root: Path, run: tuple) -> None:
     method, budget, seed = run[:3]
     key = "reference" if budget is None else f"bops-{budget:g}"
-    folder = runs_root / "digits" / method / key / f"s{seed}"
+    folder = runs_root / "digits" / "digits_cnn" / method / key / f"s{seed}"
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics_record(*run)))
 
@@ -87,19 +88,19 @@ def test_aggregate_with_config_reads_exactly_the_grid(runs_root: Path, tmp_path:
     frame = aggregate(runs_root, tmp_path / "summary.csv", CONFIG)
     assert len(frame) == len(RUNS)
     assert 7 not in set(frame["seed"]) and 0.1 not in set(frame["budget"].dropna())
-    assert set(frame["run_dir"]) == {"digits/fp32/reference/s0", "digits/fp32/reference/s1",
-                                     "digits/qat/bops-0.05/s0", "digits/qat/bops-0.05/s1",
-                                     "digits/qat/bops-0.02/s0", "digits/qat/bops-0.02/s1"}
+    assert set(frame["run_dir"]) == {f"digits/digits_cnn/{run}" for run in (
+        "fp32/reference/s0", "fp32/reference/s1", "qat/bops-0.05/s0", "qat/bops-0.05/s1",
+        "qat/bops-0.02/s0", "qat/bops-0.02/s1")}
 
 
 def test_aggregate_refuses_a_grid_with_missing_runs(runs_root: Path, tmp_path: Path) -> None:
-    (runs_root / "digits" / "qat" / "bops-0.05" / "s1" / "metrics.json").unlink()
+    (runs_root / "digits" / "digits_cnn" / "qat" / "bops-0.05" / "s1" / "metrics.json").unlink()
     with pytest.raises(UserError, match="1 of the grid's 6 runs have no metrics.json"):
         aggregate(runs_root, tmp_path / "summary.csv", CONFIG)
 
 
 def test_aggregate_refuses_metrics_without_the_contract_keys(runs_root: Path, tmp_path: Path) -> None:
-    path = runs_root / "digits" / "fp32" / "reference" / "s0" / "metrics.json"
+    path = runs_root / "digits" / "digits_cnn" / "fp32" / "reference" / "s0" / "metrics.json"
     record = json.loads(path.read_text())
     del record["git_commit"]
     path.write_text(json.dumps(record))
@@ -114,9 +115,9 @@ def test_read_summary_restores_the_dtypes(runs_root: Path, tmp_path: Path) -> No
 
 
 def test_budget_folder_names_round_trip() -> None:
-    point = GridPoint("digits", "qat", budget_from_key("bops-0.05"), 1)
+    point = GridPoint("digits", "digits_cnn", "qat", budget_from_key("bops-0.05"), 1)
     assert point.budget_key == "bops-0.05"
-    assert point.run_dir(Path("runs")) == Path("runs/digits/qat/bops-0.05/s1")
+    assert point.run_dir(Path("runs")) == Path("runs/digits/digits_cnn/qat/bops-0.05/s1")
     assert budget_from_key("reference") is None
     with pytest.raises(UserError, match="not <metric>-<target>"):
         budget_from_key("bops-five")
@@ -163,18 +164,33 @@ def test_render_writes_the_html_report_tables_and_figures(runs_root: Path, tmp_p
     assert "| digits" in (tmp_path / "report" / "table.md").read_text()
 
 
+PAPER_BENCHMARKS = {("cifar10", "resnet8"), ("cifar10", "resnet20"), ("cifar10", "vgg7"),
+                    ("speech_commands", "ds_cnn"), ("tiny_imagenet", "resnet18_64"),
+                    ("imagenet", "resnet18"), ("imagenet", "mobilenet_v2"), ("imagenet", "resnet50")}
+
+
 @pytest.mark.slow
-def test_snakemake_dry_run_lists_the_embedded_grid() -> None:
-    pytest.importorskip("jpqbench.methods_api",
-                        reason="the core's jpqbench.methods_api (method_takes_budget) is not written yet; "
-                               "the Snakefile imports it to tell budget-free methods from the others")
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1",
-         "--configfile", "config/config.yaml"],
-        cwd=PROJECT, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("config_file", ["config/config.yaml", "config/paper.yaml"])
+def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, tmp_path: Path) -> None:
+    """`snakemake -n` plans every run of the config from a folder with no data and no results."""
+    from jpqbench.config import load_config
+    from jpqbench.grid import grid
+
+    config = load_config(PROJECT / config_file)
+    points = grid(config)
+    for name in ("Snakefile", "config", "analysis"):  # a fresh folder: no data, no results
+        copy = shutil.copytree if (PROJECT / name).is_dir() else shutil.copy
+        copy(PROJECT / name, tmp_path / name)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", config_file],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
-    # 1 dataset x (5 budgeted methods x 2 budgets + the fp32 reference) x 2 seeds
-    assert counts["compress"] == "22"
-    assert counts["pretrain"] == "2"
-    assert counts["prepare"] == counts["tracking"] == counts["aggregate"] == counts["report"] == "1"
+    assert int(counts["compress"]) == len(points)
+    assert int(counts["pretrain"]) == len({(p.dataset, p.model, p.seed) for p in points})
+    assert int(counts["prepare"]) == len(config.datasets)
+    assert counts["tracking"] == counts["aggregate"] == counts["report"] == "1"
+    if config_file.endswith("paper.yaml"):
+        assert set(config.benchmarks()) == PAPER_BENCHMARKS
+        assert len(config.budgets) >= 5 and len(config.seeds) >= 3
+    else:
+        assert {"digits", "minispeech"} <= set(config.datasets) and len(config.budgets) >= 3

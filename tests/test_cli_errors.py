@@ -2,6 +2,7 @@
 metrics.json left behind for Snakemake to take as a finished run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,32 @@ def test_invalid_run_fails_before_any_work(digits_workspace: DigitsWorkspace, tm
     create_experiment(tmp_path, "t")
     _assert_user_error(_run(config, out, "--budget", "0.05", method="magic"), capsys, out, "unknown method")
     assert not list(results.rglob("*.pt")), "a checkpoint was pretrained for a run that could never start"
+
+
+def test_several_models_need_model_named(digits_workspace: DigitsWorkspace, tmp_path: Path, out: Path,
+                                         capsys) -> None:
+    config = write_config(tmp_path / "two_models.yaml", digits_workspace.root,
+                          data_root=digits_workspace.data_root, results_root=tmp_path / "results")
+    config.write_text(config.read_text().replace("models: {digits_cnn: {}}", "models: {digits_cnn: {}, resnet8: {}}"))
+    _assert_user_error(_run(config, out, "--budget", "0.05"), capsys, out,
+                       "dataset 'digits' has several models in the config (digits_cnn, resnet8)", "--model")
+    _assert_user_error(_run(config, out, "--budget", "0.05", "--model", "vgg7"), capsys, out,
+                       "model 'vgg7' is not configured for dataset 'digits'")
+
+
+def test_method_variant_runs_under_its_own_folder(digits_workspace: DigitsWorkspace, tmp_path: Path,
+                                                  capsys) -> None:
+    """A variant's hyperparameters reach the method; its default run folder is named by the variant."""
+    config = write_config(tmp_path / "variant.yaml", digits_workspace.root, data_root=digits_workspace.data_root,
+                          results_root=digits_workspace.results_root)
+    config.write_text(config.read_text().replace("methods: [fp32, ptq]", "methods: [fp32, 'ptq[calibration_batches=1]']"))
+    argv = ["--config", str(config), "run", "--method", "ptq[calibration_batches=1]", "--dataset", "digits",
+            "--budget", "0.05", "--seed", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    run_dir = (digits_workspace.results_root / "runs" / "digits" / "digits_cnn" / "ptq[calibration_batches=1]"
+               / "bops-0.05" / "s0")
+    from mlflow.tracking import MlflowClient
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    params = MlflowClient(digits_workspace.tracking_uri).get_run(metrics["mlflow_run_id"]).data.params
+    assert params["hp.calibration_batches"] == "1" and metrics["method"] == "ptq[calibration_batches=1]"

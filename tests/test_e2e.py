@@ -28,7 +28,7 @@ budget_metric: bops
 budgets: [0.05]
 methods: [qat, prune_then_quantize]
 datasets:
-  digits: {model: digits_cnn, pretrain_epochs: 2, epochs: 2, batch_size: 64, lr: 0.05,
+  digits: {models: {digits_cnn: {}}, pretrain_epochs: 2, epochs: 2, batch_size: 64, lr: 0.05,
            finetune_lr: 0.01, max_steps_per_epoch: 4}
 """
 
@@ -62,7 +62,7 @@ def test_dvc_repro_runs_the_grid_through_snakemake_and_mlflow(tmp_path: Path, mo
     assert (summary["status"] == "ok").all() and summary["target_met"].all()
     assert (summary["relative_bops"] <= 0.05 * 1.10).all()
     for row in summary.itertuples():
-        run_dir = work / "results" / "runs" / "digits" / row.method / "bops-0.05" / "s0"
+        run_dir = work / "results" / "runs" / "digits" / "digits_cnn" / row.method / "bops-0.05" / "s0"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["top1"] == pytest.approx(row.top1)
         assert json.loads((run_dir / "plan.json").read_text())["method"] == row.method

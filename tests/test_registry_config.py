@@ -1,6 +1,7 @@
 """Registries (unknown names, plugin discovery) and config validation."""
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +19,7 @@ BUILTIN_METHODS = {"fp32", "ptq", "qat", "prune", "prune_then_quantize", "quanti
 def _raw(**overrides) -> dict:
     raw = {
         "experiment": "t", "seeds": [0], "budgets": [0.05], "methods": ["fp32", "ptq"],
-        "datasets": {"digits": {"model": "digits_cnn", "pretrain_epochs": 1, "epochs": 1, "batch_size": 64,
+        "datasets": {"digits": {"models": {"digits_cnn": {}}, "pretrain_epochs": 1, "epochs": 1, "batch_size": 64,
                                 "lr": 0.05, "finetune_lr": 0.01, "max_steps_per_epoch": 3}},
     }
     raw.update(overrides)
@@ -108,7 +109,7 @@ def test_duplicate_name_from_another_module_is_refused(tmp_path: Path,
 # ---------------------------------------------------------------- config
 def test_valid_config_passes() -> None:
     config = validate_config(_raw())
-    assert config.datasets["digits"].max_steps_per_epoch == 3 and config.budgets == [0.05]
+    assert config.recipe("digits").max_steps_per_epoch == 3 and config.budgets == [0.05]
 
 
 def test_repository_configs_are_valid() -> None:
@@ -150,7 +151,7 @@ def test_unknown_method_is_named() -> None:
 
 def test_unknown_model_and_dataset_are_named() -> None:
     raw = _raw()
-    raw["datasets"]["digits"]["model"] = "resnet999"
+    raw["datasets"]["digits"]["models"] = {"resnet999": {}}
     with pytest.raises(UserError, match="unknown model 'resnet999'"):
         validate_config(raw)
     raw = _raw()
@@ -171,3 +172,70 @@ def test_out_of_range_recipe_values_are_named() -> None:
         validate_config(raw)
     with pytest.raises(UserError, match="seeds"):
         validate_config(_raw(seeds=[]))
+
+
+def test_models_share_the_dataset_recipe_and_override_their_own_keys() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["models"] = {"digits_cnn": {}, "resnet8": {"lr": 0.2, "epochs": 4}}
+    config = validate_config(raw)
+    assert config.benchmarks() == [("digits", "digits_cnn"), ("digits", "resnet8")]
+    assert (config.recipe("digits", "digits_cnn").lr, config.recipe("digits", "digits_cnn").epochs) == (0.05, 1)
+    wide = config.recipe("digits", "resnet8")
+    assert (wide.model, wide.lr, wide.epochs, wide.batch_size) == ("resnet8", 0.2, 4, 64)
+
+
+def test_model_override_errors_name_the_model_and_key() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["models"] = {"digits_cnn": {"lrr": 0.1}}
+    with pytest.raises(UserError, match=r"models\.digits_cnn\.lrr: unknown key"):
+        validate_config(raw)
+    raw["datasets"]["digits"]["models"] = {"digits_cnn": {"epochs": 0}}
+    with pytest.raises(UserError, match=r"models\.digits_cnn\.epochs: Input should be greater than or equal to 1"):
+        validate_config(raw)
+
+
+def test_a_dataset_with_several_models_needs_the_model_named() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["models"] = {"digits_cnn": {}, "resnet8": {}}
+    config = validate_config(raw)
+    with pytest.raises(UserError, match="several models") as info:
+        config.recipe("digits")
+    assert "--model" in info.value.fix
+    with pytest.raises(UserError, match="model 'vgg7' is not configured for dataset 'digits'"):
+        config.recipe("digits", "vgg7")
+    with pytest.raises(UserError, match="dataset 'cifar10' is not in the config"):
+        config.recipe("cifar10", "resnet8")
+
+
+def test_method_variants_override_hyperparameters() -> None:
+    from jpqbench.methods_api import make_method, parse_method_spec
+
+    assert parse_method_spec("qat") == ("qat", {})
+    assert parse_method_spec("prune_then_quantize[bits=4, prune_fraction=0.25]") == (
+        "prune_then_quantize", {"bits": 4, "prune_fraction": 0.25})
+    method = make_method("prune_then_quantize[bits=4]", {"prune_then_quantize": {"bits": 6, "prune_fraction": 0.3}})
+    assert (method.hp.bits, method.hp.prune_fraction) == (4, 0.3)  # the variant wins over method_params
+    config = validate_config(_raw(methods=["fp32", "ptq", "ptq[calibration_batches=2]"]))
+    assert config.methods[-1] == "ptq[calibration_batches=2]"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ptq[calibration_batches=2", "is not of the form"),
+    ("ptq[calibration_batches]", "is not key=value"),
+    ("ptq[bits=4]", "invalid hyperparameters for method 'ptq'"),
+    ("magic[bits=4]", "unknown method 'magic'"),
+])
+def test_bad_method_variants_are_named(spec: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_config(_raw(methods=["fp32", spec]))
+
+
+def test_a_dataset_may_run_its_own_seeds() -> None:
+    from jpqbench.grid import grid
+
+    raw = _raw(seeds=[0, 1, 2], methods=["fp32"])
+    raw["datasets"]["minispeech"] = {**raw["datasets"]["digits"], "models": {"ds_cnn": {}}, "seeds": [5]}
+    config = validate_config(raw)
+    assert config.seeds_of("digits") == [0, 1, 2] and config.seeds_of("minispeech") == [5]
+    assert sorted((p.dataset, p.seed) for p in grid(config)) == [
+        ("digits", 0), ("digits", 1), ("digits", 2), ("minispeech", 5)]
