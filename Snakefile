@@ -146,10 +146,11 @@ rule report:
     input:
         summary=f"{RESULTS}/summary.csv",
         notebook="analysis/report.ipynb",
+        published="results/reference/published.csv",
     output:
         report(directory(f"{RESULTS}/report"), patterns=["{name}.html", "{name}.png", "{name}.csv"],
                category="Benchmark report"),
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "jpqbench report --summary {input.summary} --out {output} > {log} 2>&1"
+        "jpqbench report --summary {input.summary} --published {input.published} --out {output} > {log} 2>&1"

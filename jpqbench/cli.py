@@ -8,7 +8,7 @@
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
     jpqbench aggregate [--out results/summary.csv]
-    jpqbench report    [--summary results/summary.csv] [--out results/report]
+    jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV]
 
 All commands take ``--config`` (default ``config/config.yaml``). A user mistake prints
 ``error: <problem>`` and ``fix: <what to do>`` and exits with status 2; a run that fails
@@ -147,7 +147,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from jpqbench.report import render
 
-    html = render(Path(args.summary), Path(args.out))
+    html = render(Path(args.summary), Path(args.out), Path(args.published))
     print(f"wrote {html}")
 
 
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", help="execute the analysis notebook into an HTML report")
     p.add_argument("--summary", default="results/summary.csv")
     p.add_argument("--out", default="results/report")
+    p.add_argument("--published", default="results/reference/published.csv",
+                   help="published numbers shown beside ours, labelled 'as reported' (default: %(default)s)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -5,8 +5,10 @@ is unit-tested and the notebook stays a handful of short cells. :func:`render` e
 notebook with papermill (parameters ``summary_csv`` and ``out_dir``) and converts the executed
 copy to one self-contained HTML file with nbconvert.
 
-Every number comes from this harness's own runs: published numbers are never mixed into
-these tables or figures.
+Every number in the comparison table and the figures comes from this harness's own runs.
+Published numbers (``results/reference/published.csv``, each labelled "as reported" with its
+source) are shown in a table of their own, beside our result for the same dataset, model and
+method -- never mixed into our rows: their BOP counters, FP32 baselines and recipes differ.
 """
 from __future__ import annotations
 
@@ -20,9 +22,19 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from nbconvert import HTMLExporter
 
+from jpqbench.errors import UserError
 from jpqbench.registry import PROJECT_ROOT
 
 NOTEBOOK = PROJECT_ROOT / "analysis" / "report.ipynb"
+PUBLISHED = PROJECT_ROOT / "results" / "reference" / "published.csv"
+PUBLISHED_LABEL = "as reported"
+# published.csv's columns and dtypes; relative_cost is a fraction of the FP32 cost in the
+# paper's own counting, *_pct and *_pp are percent and percentage points.
+PUBLISHED_COLUMNS = {
+    "label": "string", "dataset": "string", "model": "string", "method": "string", "setting": "string",
+    "budget_metric": "string", "relative_cost": "Float64", "weight_size_kb": "Float64", "top1_pct": "Float64",
+    "top1_delta_pp": "Float64", "fp32_top1_pct": "Float64", "source": "string", "note": "string",
+}
 GROUP_KEYS = ["dataset", "model", "method", "budget_metric", "budget"]
 # Pareto figures: file stem -> (table column on the log x axis, axis label).
 FIGURES: dict[str, tuple[str, str]] = {
@@ -61,12 +73,56 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def write_table(table: pd.DataFrame, out_dir: Path) -> None:
-    """``table.csv`` (for further analysis) and ``table.md`` (for a README or a paper draft)."""
-    table.to_csv(out_dir / "table.csv")
-    flat = table.reset_index()
+def read_published(path: Path = PUBLISHED) -> pd.DataFrame:
+    """The published numbers, checked: the expected columns, and every row labelled "as reported"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"published numbers {path} do not exist", f"restore it from git ({PUBLISHED.name})")
+    published = pd.read_csv(path, dtype=PUBLISHED_COLUMNS, keep_default_na=False, na_values=[""])
+    if list(published.columns) != list(PUBLISHED_COLUMNS):
+        raise UserError(f"{path} has columns {list(published.columns)}",
+                        f"use exactly: {', '.join(PUBLISHED_COLUMNS)}")
+    unlabelled = published.index[published["label"].ne(PUBLISHED_LABEL).fillna(True)]
+    if len(unlabelled):
+        raise UserError(f"{path}: rows {[int(i) + 2 for i in unlabelled]} are not labelled {PUBLISHED_LABEL!r}",
+                        f"every published number carries label {PUBLISHED_LABEL!r} and its source")
+    return published
+
+
+def published_beside_ours(published: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Each published row beside our run of the same (dataset, model, method), if the grid has one.
+
+    For a budgeted row ours is the budget closest to the published relative cost (same metric);
+    ``ours_*`` columns are empty where the grid does not contain that benchmark or method.
+    Two sources, two sets of columns: nothing is averaged or merged across them.
+    """
+    ours = table.reset_index()
+    beside = []
+    for _, row in published.iterrows():
+        match = ours[ours["dataset"].eq(row["dataset"]) & ours["model"].eq(row["model"])
+                     & ours["method"].eq(row["method"])]
+        if pd.notna(row["budget_metric"]) and pd.notna(row["relative_cost"]):
+            match = match[match["budget_metric"].eq(row["budget_metric"])]
+            match = match.loc[(match["budget"].astype(float) - row["relative_cost"]).abs().sort_values().index[:1]]
+        best = match.iloc[0] if len(match) else None
+        beside.append({
+            **row.to_dict(),
+            "ours_budget": None if best is None else best["budget"],
+            "ours_top1_mean_pct": None if best is None else best["top1_mean_pct"],
+            "ours_top1_std_pct": None if best is None else best["top1_std_pct"],
+            "ours_relative_bops": None if best is None else best["relative_bops"],
+        })
+    columns = [*PUBLISHED_COLUMNS, "ours_budget", "ours_top1_mean_pct", "ours_top1_std_pct", "ours_relative_bops"]
+    return pd.DataFrame.from_records(beside, columns=columns)
+
+
+def write_table(table: pd.DataFrame, out_dir: Path, stem: str = "table") -> None:
+    """``<stem>.csv`` (for further analysis) and ``<stem>.md`` (for a README or a paper draft)."""
+    indexed = table.index.nlevels > 1 or table.index.name is not None
+    table.to_csv(out_dir / f"{stem}.csv", index=indexed)
+    flat = table.reset_index() if indexed else table
     cells = flat.astype(object).where(flat.notna(), None)  # tabulate leaves None cells blank
-    (out_dir / "table.md").write_text(cells.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
+    (out_dir / f"{stem}.md").write_text(cells.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
 
 
 def pareto_figure(table: pd.DataFrame, x: str, xlabel: str) -> Figure:
@@ -103,11 +159,12 @@ def save_figure(fig: Figure, out_dir: Path, stem: str) -> None:
         fig.savefig(out_dir / f"{stem}.{suffix}", dpi=150, bbox_inches="tight")
 
 
-def render(summary_csv: Path, out_dir: Path) -> Path:
+def render(summary_csv: Path, out_dir: Path, published_csv: Path = PUBLISHED) -> Path:
     """Execute the analysis notebook on ``summary_csv`` into ``out_dir``; return its ``report.html``.
 
     ``out_dir`` receives the executed ``report.ipynb``, ``report.html`` (images embedded, so the
-    file stands alone), ``table.csv``, ``table.md`` and each of :data:`FIGURES` as PNG and SVG.
+    file stands alone), ``table.csv``/``.md``, ``published.csv``/``.md`` (published numbers
+    beside ours) and each of :data:`FIGURES` as PNG and SVG.
     The kernel runs in the project folder so that it imports this checkout's ``jpqbench``.
     """
     out_dir = Path(out_dir)
@@ -115,7 +172,8 @@ def render(summary_csv: Path, out_dir: Path) -> Path:
     executed = out_dir / "report.ipynb"
     papermill.execute_notebook(
         NOTEBOOK, executed, kernel_name="python3", cwd=PROJECT_ROOT, progress_bar=False,
-        parameters={"summary_csv": str(Path(summary_csv).resolve()), "out_dir": str(out_dir.resolve())},
+        parameters={"summary_csv": str(Path(summary_csv).resolve()), "out_dir": str(out_dir.resolve()),
+                    "published_csv": str(Path(published_csv).resolve())},
     )
     body, _ = HTMLExporter(embed_images=True).from_notebook_node(nbformat.read(executed, as_version=4))
     html = out_dir / "report.html"

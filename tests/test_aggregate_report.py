@@ -21,7 +21,8 @@ from jpqbench.aggregate import COLUMNS, aggregate, read_summary
 from jpqbench.grid import GridPoint, budget_from_key
 from jpqbench.config import BenchConfig
 from jpqbench.errors import UserError
-from jpqbench.report import FIGURES, comparison_table, render
+from jpqbench.report import (FIGURES, PUBLISHED, PUBLISHED_COLUMNS, comparison_table, published_beside_ours,
+                             read_published, render)
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +157,8 @@ def test_render_writes_the_html_report_tables_and_figures(runs_root: Path, tmp_p
     text = html.read_text()
     assert "top1_mean_pct" in text and "92" in text  # the comparison table, rendered
     assert text.count("data:image/png;base64,") >= len(FIGURES)  # figures embedded, not linked
-    for name in ("report.ipynb", "table.csv", "table.md",
+    assert "Published numbers, as reported" in text and "Qu et al., CVPR 2025" in text
+    for name in ("report.ipynb", "table.csv", "table.md", "published.csv", "published.md",
                  *(f"{stem}.{suffix}" for stem in FIGURES for suffix in ("png", "svg"))):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     table = pd.read_csv(tmp_path / "report" / "table.csv")
@@ -178,7 +180,7 @@ def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, t
 
     config = load_config(PROJECT / config_file)
     points = grid(config)
-    for name in ("Snakefile", "config", "analysis"):  # a fresh folder: no data, no results
+    for name in ("Snakefile", "config", "analysis", "results/reference"):  # a fresh folder: no data, no runs
         copy = shutil.copytree if (PROJECT / name).is_dir() else shutil.copy
         copy(PROJECT / name, tmp_path / name)
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", config_file],
@@ -194,3 +196,39 @@ def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, t
         assert len(config.budgets) >= 5 and len(config.seeds) >= 3
     else:
         assert {"digits", "minispeech"} <= set(config.datasets) and len(config.budgets) >= 3
+
+
+def test_published_numbers_are_labelled_and_sourced() -> None:
+    published = read_published()
+    assert len(published) >= 10
+    assert published["label"].eq("as reported").all() and published["source"].notna().all()
+    assert {"geta", "djpq", "ajpq", "cwmpq"} <= set(published["method"])
+    assert published["method"].str.startswith("noncomm[").sum() >= 4  # the four schedules of the paper
+    assert published["top1_pct"].dropna().between(0, 100).all()
+    assert published["relative_cost"].dropna().between(0, 1, inclusive="neither").all()
+
+
+def test_unlabelled_or_malformed_published_rows_are_refused(tmp_path: Path) -> None:
+    rows = PUBLISHED.read_text().splitlines()
+    bad = tmp_path / "published.csv"
+    bad.write_text("\n".join([rows[0], rows[1], rows[2].replace("as reported,", "ours,", 1)]) + "\n")
+    with pytest.raises(UserError, match=r"rows \[3\] are not labelled 'as reported'"):
+        read_published(bad)
+    bad.write_text("label,dataset,top1\nas reported,cifar10,91\n")
+    with pytest.raises(UserError, match="has columns"):
+        read_published(bad)
+
+
+def test_published_rows_sit_beside_our_nearest_budget_never_merged(runs_root: Path, tmp_path: Path) -> None:
+    table = comparison_table(aggregate(runs_root, tmp_path / "summary.csv", CONFIG))
+    published = pd.DataFrame([
+        {"label": "as reported", "dataset": "digits", "model": "digits_cnn", "method": "qat", "setting": "w4a4",
+         "budget_metric": "bops", "relative_cost": 0.04, "top1_pct": 97.5, "source": "a paper"},
+        {"label": "as reported", "dataset": "cifar10", "model": "resnet20", "method": "qat", "setting": "",
+         "budget_metric": "bops", "relative_cost": 0.04, "top1_pct": 91.0, "source": "another paper"},
+    ], columns=list(PUBLISHED_COLUMNS))
+    beside = published_beside_ours(published, table)
+    assert len(beside) == 2 and list(beside["top1_pct"]) == [97.5, 91.0]  # theirs, untouched
+    assert beside.loc[0, "ours_budget"] == 0.05  # nearest of our budgets 0.02 / 0.05 to 0.04
+    assert beside.loc[0, "ours_top1_mean_pct"] == pytest.approx(92.0)
+    assert pd.isna(beside.loc[1, "ours_top1_mean_pct"])  # not in our grid: left empty

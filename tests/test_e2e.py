@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["Snakefile", "dvc.yaml", ".dvcignore", "jpqbench", "methods", "datasets", "analysis", "config"]
+COPIED = ["Snakefile", "dvc.yaml", ".dvcignore", "jpqbench", "methods", "datasets", "analysis", "config",
+          "results/reference"]
 
 TINY_CONFIG = """\
 experiment: e2e
