@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 
 class TensorSplit(Dataset):
@@ -90,9 +90,22 @@ class DataBundle:
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:
-        """A deterministic loader: with ``shuffle`` the order comes from ``generator`` only."""
+        """A deterministic loader: with ``shuffle`` the order comes from ``generator`` only.
+
+        Under ``torch.distributed`` (a DDP run started by ``torchrun``) a shuffled loader gives
+        each process its own shard of one permutation: every rank draws the permutation's seed
+        from its identically seeded ``generator``, so the shards are disjoint and together cover
+        the split (padded to equal length, as ``DistributedSampler`` does). Unshuffled loaders
+        (evaluation) are not sharded: every process evaluates the whole split.
+        """
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        if shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+        elif shuffle:
+            sampler = RandomSampler(dataset, generator=generator)
+        else:
+            sampler = SequentialSampler(dataset)
         batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
         if hasattr(dataset, "__getitems__"):
             return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity)
