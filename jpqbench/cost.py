@@ -27,18 +27,33 @@ Conventions (the same for every method and baseline):
 * ``activation_bits_peak`` = largest single layer input, in bits (alive input channels x
   H_in x W_in x a_bits, less unstructured activation sparsity).
 
-Unstructured sparsity is *not* taken out of MACs/BOPs here (dense BOPs); methods with
-sparsity report it separately, labelled.
+Unstructured sparsity is *not* taken out of ``macs``/``bops``/``weight_bits`` (all dense);
+the sparse-aware figures are separate fields, never mixed into those:
+
+* ``weight_sparsity`` / ``activation_sparsity`` -- the plan's claimed unstructured sparsity,
+  averaged over all kept conv/linear weights (biases excluded) and over all alive layer-input
+  elements. Claimed activation sparsity means zeros the plan guarantees on *every* input (a
+  static mask); the data-dependent zeros (ReLU) are measured on data by
+  :func:`measure_activation_sparsity`, not counted here.
+* ``sparse_bops`` = sum over layers of ``bops_layer * (1 - w_sparsity) * (1 - a_sparsity)``:
+  a MAC is skipped when either operand is zero, assuming weight and activation zeros are
+  independent and evenly spread over the receptive fields (exact for weight sparsity alone,
+  an estimate with activation sparsity).
+* ``sparse_weight_bits`` -- weight memory of a sparse storage format: each layer is stored in
+  the smaller of dense (as ``weight_bits``) and **bitmap** format, in which every kept weight
+  position costs 1 bit of the bitmap and every non-zero weight its ``b_w`` bits; biases stay
+  dense at 32 bits. ``relative_sparse_size`` divides by the FP32 model's weight bits.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from jpqbench.plan import CompressionPlan, LayerPlan
+from jpqbench.plan import CompressionPlan, LayerPlan, _quantized_input
 from jpqbench.quant import FLOAT_BITS
 
 
@@ -66,6 +81,10 @@ class CostReport:
     dense_macs: float
     dense_bops: float
     dense_weight_bits: float
+    sparse_bops: float
+    sparse_weight_bits: float
+    weight_sparsity: float
+    activation_sparsity: float
 
     @property
     def relative_bops(self) -> float:
@@ -79,13 +98,22 @@ class CostReport:
     def weight_size_kb(self) -> float:
         return self.weight_bits / 8 / 1000
 
+    @property
+    def relative_sparse_bops(self) -> float:
+        return self.sparse_bops / self.dense_bops
+
+    @property
+    def relative_sparse_size(self) -> float:
+        return self.sparse_weight_bits / self.dense_weight_bits
+
     def relative(self, metric: str) -> float:
         return {"bops": self.relative_bops, "size": self.relative_size}[metric]
 
     def to_dict(self) -> dict[str, float]:
         out = asdict(self)
         out.update(relative_bops=self.relative_bops, relative_size=self.relative_size,
-                   weight_size_kb=self.weight_size_kb)
+                   weight_size_kb=self.weight_size_kb, relative_sparse_bops=self.relative_sparse_bops,
+                   relative_sparse_size=self.relative_sparse_size)
         return out
 
 
@@ -149,7 +177,7 @@ def _layer_cost(shape: LayerShape, claim: LayerPlan, alive_in: torch.Tensor) -> 
     out_per_group = shape.out_channels // shape.groups
     alive_per_group = alive_in.view(shape.groups, in_per_group).sum(dim=1)
     bits = claim.channel_bits()
-    macs = bops = weight_bits = kept = 0.0
+    macs = bops = weight_bits = kept = weights = bias_bits = bitmap_bits = 0.0
     for channel, b_w in enumerate(bits):
         if b_w == 0:
             continue
@@ -158,11 +186,18 @@ def _layer_cost(shape: LayerShape, claim: LayerPlan, alive_in: torch.Tensor) -> 
         macs += channel_macs
         bops += channel_macs * b_w * claim.a_bits
         weight_bits += fan_in * b_w + (FLOAT_BITS if shape.has_bias else 0)
+        bias_bits += FLOAT_BITS if shape.has_bias else 0
+        bitmap_bits += fan_in * (1 + (1 - claim.w_sparsity) * b_w)
         kept += fan_in + (1 if shape.has_bias else 0)
+        weights += fan_in
     kept_inputs = int(alive_in.sum()) * shape.in_pixels
     return {"macs": macs, "bops": bops, "weight_bits": weight_bits, "kept_params": kept,
             "nonzero_params": kept * (1 - claim.w_sparsity),
-            "activation_bits": kept_inputs * claim.a_bits * (1 - claim.a_sparsity)}
+            "activation_bits": kept_inputs * claim.a_bits * (1 - claim.a_sparsity),
+            "sparse_bops": bops * (1 - claim.w_sparsity) * (1 - claim.a_sparsity),
+            "sparse_weight_bits": min(weight_bits, bitmap_bits + bias_bits),
+            "weights": weights, "zero_weights": weights * claim.w_sparsity,
+            "inputs": kept_inputs, "zero_inputs": kept_inputs * claim.a_sparsity}
 
 
 def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan | None = None) -> CostReport:
@@ -177,7 +212,8 @@ def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan 
     if unknown:
         raise ValueError(f"plan names layers the model does not have: {sorted(unknown)}")
     shapes, alive = _probe(model, input_shape, plan)
-    totals = dict.fromkeys(["macs", "bops", "weight_bits", "kept_params", "nonzero_params"], 0.0)
+    totals = dict.fromkeys(["macs", "bops", "weight_bits", "kept_params", "nonzero_params", "sparse_bops",
+                            "sparse_weight_bits", "weights", "zero_weights", "inputs", "zero_inputs"], 0.0)
     dense = dict.fromkeys(["macs", "bops", "weight_bits"], 0.0)
     params, peak = 0, 0.0
     for name, shape in shapes.items():
@@ -193,4 +229,39 @@ def count(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan 
     return CostReport(macs=totals["macs"], bops=totals["bops"], weight_bits=totals["weight_bits"],
                       params=params, kept_params=int(totals["kept_params"]),
                       nonzero_params=round(totals["nonzero_params"]), activation_bits_peak=peak,
-                      dense_macs=dense["macs"], dense_bops=dense["bops"], dense_weight_bits=dense["weight_bits"])
+                      dense_macs=dense["macs"], dense_bops=dense["bops"], dense_weight_bits=dense["weight_bits"],
+                      sparse_bops=totals["sparse_bops"], sparse_weight_bits=totals["sparse_weight_bits"],
+                      weight_sparsity=totals["zero_weights"] / max(totals["weights"], 1.0),
+                      activation_sparsity=totals["zero_inputs"] / max(totals["inputs"], 1.0))
+
+
+@torch.no_grad()
+def measure_activation_sparsity(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Fraction of exact zeros in every conv/linear layer's input, measured on ``batches`` in eval mode.
+
+    The input is taken after the layer's ``input_quantizer`` (what the layer multiplies), so
+    it counts every zero a zero-skipping accelerator would see: static masks, pruned channels,
+    ReLU zeros and values that quantize to zero. A measurement on data, unlike the counted
+    (claimed) ``activation_sparsity``; the runner measures it on the test split.
+    """
+    layers = _layers(model)
+    zeros = dict.fromkeys(layers, 0)
+    total = dict.fromkeys(layers, 0)
+
+    def record(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = _quantized_input(module, x)
+        zeros[name] += int((x == 0).sum())
+        total[name] += x.numel()
+
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: record(name, mod, args[0]))
+             for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {name: zeros[name] / total[name] for name in layers if total[name]}

@@ -19,7 +19,10 @@ plan against the model that produced it and refuses a plan that lies:
    that BN biases, residual partners and the rest of the dependency group were masked too;
 3. no output channel of the effective weight takes more than ``2**w_bits`` distinct values,
    and no layer input takes more than ``2**a_bits`` distinct values;
-4. claimed weight sparsity is not above the sparsity of the effective weight.
+4. claimed weight sparsity is not above the sparsity of the effective weight;
+5. claimed activation sparsity is not above the fraction of zeros in the tensor the layer
+   really receives (after its input quantizer) on the batch -- a claim means zeros on every
+   input (a static mask), so any batch must show at least that many.
 """
 from __future__ import annotations
 
@@ -192,6 +195,9 @@ def verify_plan(plan: CompressionPlan, model: nn.Module, batch: torch.Tensor) ->
         if kept.numel() and claim.w_sparsity > (kept == 0).float().mean().item() + 1e-6:
             raise PlanMismatch(f"layer {name}: claimed weight sparsity {claim.w_sparsity:.3f} is not in the weights",
                                "report the sparsity the weights really have")
+        if claim.a_sparsity > (x == 0).float().mean().item() + 1e-6:
+            raise PlanMismatch(f"layer {name}: claimed activation sparsity {claim.a_sparsity:.3f} is not in its input",
+                               "report the sparsity the layer's inputs really have")
 
 
 def _quantized_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,268 @@
+"""noncomm (Zhang et al., arXiv 2110.08271): the schedule fires at exactly the configured steps in
+the configured order, final sparsities equal the targets per layer, quantized tensors lie on the
+power-of-two grid, the sparse-aware cost figures, and `jpqbench run` for each order."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import DigitsWorkspace, write_config
+from jpqbench.cli import main
+from jpqbench.config import TrainRecipe
+from jpqbench.cost import count, measure_activation_sparsity
+from jpqbench.data import DataBundle, TensorSplit
+from jpqbench.errors import UserError
+from jpqbench.layers import compressible_layers
+from jpqbench.methods_api import Budget, RunContext, get_method
+from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, verify_plan, with_uniform_bits
+from jpqbench.qsparse import Pow2Quantizer, quantize_pow2
+from jpqbench.registry import MODELS
+
+SHAPE = (1, 8, 8)
+STEPS_PER_EPOCH = 10  # 160 training samples, batch 16
+EPOCHS = 5            # 50 steps: the paper's epoch e of 250 is step e / 5, every schedule point a whole step
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+W_TARGET, A_TARGET = 0.6, 0.4
+# the paper's CIFAR-10 schedules in epochs of 250, independent of the plugin's table
+PAPER = {"pq": ((115, 130, 145, 160), 230, 235), "qp": ((195, 210, 225, 240), 160, 170), "q": ((), 160, 170)}
+
+
+def _step(epoch_of_250: int) -> int:
+    return math.floor(epoch_of_250 / 250 * TOTAL + 1e-9)
+
+
+def _context(tmp_path: Path) -> RunContext:
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> TensorSplit:
+        return TensorSplit(torch.randn(n, *SHAPE, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+
+    data = DataBundle("random", split(160), split(32), split(32), num_classes=10, input_shape=SHAPE,
+                      default_model="digits_cnn")
+    recipe = TrainRecipe(model="digits_cnn", pretrain_epochs=1, epochs=EPOCHS, batch_size=16, lr=0.1,
+                         finetune_lr=0.01, eval_every=EPOCHS)
+    return RunContext(data=data, recipe=recipe, epochs=EPOCHS, seed=0, work_dir=tmp_path)
+
+
+@dataclass
+class Traced:
+    model: nn.Module
+    plan: CompressionPlan
+    trace: list[dict[str, dict[str, float]]]  # per training step: layer -> operator state after its forward
+    batch: torch.Tensor
+
+
+def _compress(tmp_path: Path, **hparams) -> Traced:
+    """Run noncomm on random data, recording every operator's state after each training forward."""
+    torch.manual_seed(0)
+    model = MODELS.get("digits_cnn")(10, SHAPE)
+    trace: list[dict[str, dict[str, float]]] = []
+
+    def record(module: nn.Module, args, output) -> None:
+        if module.training:
+            trace.append({name: {"w_on": bool(layer.weight_quantizer.quantizer.enabled),
+                                 "a_on": bool(layer.input_quantizer.quantizer.enabled),
+                                 "w_s": layer.weight_quantizer.sparsity, "a_s": layer.input_quantizer.sparsity}
+                          for name, layer in compressible_layers(module).items()})
+
+    model.register_forward_hook(record)
+    ctx = _context(tmp_path)
+    method = get_method("noncomm")(w_sparsity=W_TARGET, a_sparsity=A_TARGET, window=3, **hparams)
+    compressed = method.compress(model, Budget("bops", 0.05), ctx)
+    return Traced(compressed.model, compressed.plan, trace, ctx.data.train.inputs[:32])
+
+
+VARIANTS = {"pq": {"order": "pq"}, "qp": {"order": "qp"}, "q": {"order": "q"}, "pq-weights": {"order": "pq", "acts": False}}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Traced]:
+    return {key: _compress(tmp_path_factory.mktemp(key), **hp) for key, hp in VARIANTS.items()}
+
+
+def _first_step(trace: list[dict], predicate) -> int | None:
+    return next((step for step, state in enumerate(trace) if predicate(state)), None)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_schedule_fires_at_the_configured_steps_in_order(runs: dict[str, Traced], variant: str) -> None:
+    order = VARIANTS[variant]["order"]
+    prune_epochs, weights_epoch, acts_epoch = PAPER[order]
+    trace = runs[variant].trace
+    assert len(trace) == TOTAL
+    layers = list(trace[0])
+    # quantizers: off before their step, on from it on, for every layer at once
+    for key, epoch in (("w_on", weights_epoch), ("a_on", acts_epoch)):
+        for name in layers:
+            assert _first_step(trace, lambda s: s[name][key]) == _step(epoch), (key, name)
+            assert all(state[name][key] for state in trace[_step(epoch):])
+    # weight sparsity follows the cubic schedule exactly, changing only at the pruning steps
+    n = len(prune_epochs)
+    for step, state in enumerate(trace):
+        k = sum(_step(e) <= step for e in prune_epochs)
+        expected = W_TARGET * (1 - (1 - k / n) ** 3) if n else 0.0
+        for name in layers:
+            numel = runs[variant].model.get_submodule(name).weight.numel()
+            assert state[name]["w_s"] == pytest.approx(round(expected * numel) / numel, abs=1e-9), (step, name)
+    changes = [step for step in range(1, TOTAL) if trace[step] != trace[step - 1]]
+    expected_changes = {_step(e) for e in prune_epochs} | {_step(weights_epoch), _step(acts_epoch)}
+    assert set(changes) == expected_changes
+    if order == "pq":
+        assert max(_step(e) for e in prune_epochs) < _step(weights_epoch) < _step(acts_epoch)
+    if order == "qp":
+        assert _step(weights_epoch) < _step(acts_epoch) < min(_step(e) for e in prune_epochs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_final_sparsity_equals_the_targets_per_layer(runs: dict[str, Traced], variant: str) -> None:
+    run = runs[variant]
+    prunes_weights = VARIANTS[variant]["order"] != "q"
+    prunes_acts = prunes_weights and VARIANTS[variant].get("acts", True)
+    layers = compressible_layers(run.model)
+    names = list(layers)  # digits_cnn's module order is its call order
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(
+        name, mod.input_quantizer(args[0]))) for name, layer in layers.items()]
+    run.model.eval()
+    with torch.no_grad():
+        run.model(run.batch)
+    for hook in hooks:
+        hook.remove()
+    for name, layer in layers.items():
+        claim = run.plan.layers[name]
+        numel = layer.weight.numel()
+        w_target = round(W_TARGET * numel) / numel if prunes_weights else 0.0
+        assert claim.w_sparsity == pytest.approx(w_target, abs=1e-9)
+        assert int((layer.effective_weight() == 0).sum()) >= round(w_target * numel)
+        a_pruned = prunes_acts and name not in (names[0], names[-1])  # network and classifier inputs are kept
+        sample = inputs[name][0].numel()
+        a_target = round(A_TARGET * sample) / sample if a_pruned else 0.0
+        assert claim.a_sparsity == pytest.approx(a_target, abs=1e-9), name
+        # a static mask: the same positions are zero for every sample of the batch
+        assert int((inputs[name] == 0).all(dim=0).sum()) >= round(a_target * sample)
+    verify_plan(run.plan, run.model, run.batch)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_quantized_tensors_lie_on_the_power_of_two_grid(runs: dict[str, Traced], variant: str) -> None:
+    run = runs[variant]
+    bits = run.plan.notes["bits"]
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for name, layer in compressible_layers(run.model).items():
+        assert run.plan.layers[name].w_bits == run.plan.layers[name].a_bits == bits
+        decimal = layer.weight_quantizer.quantizer.decimal.view(-1, 1, 1, 1) if layer.weight.dim() == 4 \
+            else layer.weight_quantizer.quantizer.decimal.view(-1, 1)
+        integers = layer.effective_weight().detach() * torch.exp2(decimal)
+        assert torch.equal(integers, integers.round()) and integers.min() >= low and integers.max() <= high
+        x = layer.input_quantizer.eval()(torch.randn(64, *layer.input_quantizer.mask.shape) * 3)
+        integers = x * torch.exp2(layer.input_quantizer.quantizer.decimal)
+        assert torch.equal(integers, integers.round()) and integers.min() >= low and integers.max() <= high
+
+
+def test_quantizer_truncates_saturates_and_passes_gradients_straight_through() -> None:
+    x = torch.tensor([0.30, -0.30, 0.99, -1.20, -1.30, 5.0, -5.0], requires_grad=True)
+    q = quantize_pow2(x, bits=3, decimal=torch.tensor(2.0))  # grid k/4, k in [-4, 3]
+    assert q.tolist() == [0.25, -0.25, 0.75, -1.0, -1.0, 0.75, -1.0]  # trunc toward zero, then saturate
+    q.sum().backward()
+    # 3.96 and -4.8 truncate onto the grid (gradient 1); -5.2, 20 and -20 saturate (gradient 0)
+    assert x.grad.tolist() == [1, 1, 1, 1, 0, 0, 0]
+
+
+def test_fractional_bits_minimise_squared_error_over_the_window_and_are_chosen_once() -> None:
+    generator = torch.Generator().manual_seed(0)
+    window = [torch.randn(6, 50, generator=generator) * scale for scale in (0.2, 1.5, 0.7)]
+    quantizer = Pow2Quantizer(bits=4, channels=6, decimals=range(0, 8)).train()
+    for tensor in window:
+        assert torch.equal(quantizer(tensor), tensor)  # the identity until switched on
+        quantizer.observe(tensor)
+    quantizer.switch_on()
+    joined = torch.cat(window, dim=1)
+    for channel in range(6):
+        errors = [((joined[channel] - quantize_pow2(joined[channel], 4, torch.tensor(float(d)))) ** 2).sum()
+                  for d in range(8)]
+        assert quantizer.decimal[channel] == min(range(8), key=lambda d: errors[d])
+    chosen = quantizer.decimal.clone()
+    quantizer(torch.randn(6, 50, generator=generator) * 100)
+    assert torch.equal(quantizer.decimal, chosen)
+
+
+@pytest.mark.parametrize("hparams", [{"order": "q", "prune_at": (0.5,)}, {"order": "pq", "prune_at": (0.5, 0.95)},
+                                     {"order": "qp", "prune_at": (0.1, 0.2)}, {"prune_at": (0.6, 0.5)},
+                                     {"bits": 1}, {"w_sparsity": 1.0}, {"window": 0}, {"order": "x"}])
+def test_inconsistent_hyperparameters_are_refused(hparams: dict) -> None:
+    with pytest.raises(UserError, match="invalid hyperparameters"):
+        get_method("noncomm")(**hparams)
+
+
+def test_bits_above_the_budget_are_refused(tmp_path: Path) -> None:
+    model = MODELS.get("digits_cnn")(10, SHAPE)
+    with pytest.raises(UserError, match="above the bops budget"):
+        get_method("noncomm")(bits=8).compress(model, Budget("bops", 0.05), _context(tmp_path))
+
+
+# ---------------------------------------------------------------- the cost counter's sparse figures
+def test_sparse_figures_by_hand_and_dense_figures_unchanged() -> None:
+    conv = nn.Conv2d(4, 8, kernel_size=3, padding=1, bias=True)
+    plan = with_uniform_bits(CompressionPlan.dense(conv), 4, 8)
+    dense = count(conv, (4, 6, 6), plan)
+    plan.layers[""] = LayerPlan(out_channels=8, w_bits=4, a_bits=8, w_sparsity=0.75, a_sparsity=0.5)
+    sparse = count(conv, (4, 6, 6), plan)
+    weights, macs = 8 * 4 * 9, 6 * 6 * 4 * 9 * 8
+    assert (sparse.macs, sparse.bops, sparse.weight_bits) == (dense.macs, dense.bops, dense.weight_bits)
+    assert sparse.bops == macs * 4 * 8
+    assert sparse.sparse_bops == macs * 4 * 8 * 0.25 * 0.5
+    # bitmap: one bit per weight position, 4 bits per non-zero, 32-bit biases
+    assert sparse.sparse_weight_bits == weights * 1 + weights * 0.25 * 4 + 8 * 32
+    assert sparse.weight_sparsity == 0.75 and sparse.activation_sparsity == 0.5
+    assert sparse.relative_sparse_bops == pytest.approx(sparse.sparse_bops / (macs * 32 * 32))
+    # without sparsity the bitmap costs more than dense storage, so dense is kept
+    assert dense.sparse_weight_bits == dense.weight_bits and dense.sparse_bops == dense.bops
+
+
+def test_activation_sparsity_claim_is_checked_against_the_layer_input() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    batch = torch.ones(5, 4)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4, [1.0] * 4]))
+        model[0].bias.zero_()
+    measured = measure_activation_sparsity(model, [batch, batch])
+    assert measured == {"0": 0.0, "2": pytest.approx(1 / 3)}  # the ReLU zeroes unit 1 on every input
+    plan = CompressionPlan.dense(model)
+    plan.layers["2"].a_sparsity = 1 / 3
+    verify_plan(plan, model, batch)
+    plan.layers["2"].a_sparsity = 0.5
+    with pytest.raises(PlanMismatch, match="activation sparsity"):
+        verify_plan(plan, model, batch)
+
+
+# ---------------------------------------------------------------- `jpqbench run`, every order
+@pytest.mark.parametrize("hparams", [{"order": "pq", "acts": True}, {"order": "qp", "acts": True},
+                                     {"order": "q"}], ids=["pq", "qp", "q"])
+def test_jpqbench_run_reports_both_sparsities(digits_workspace: DigitsWorkspace, tmp_path: Path,
+                                              no_env_tracking_uri, hparams: dict) -> None:
+    config = write_config(tmp_path / "config.yaml", digits_workspace.root, data_root=digits_workspace.data_root)
+    raw = yaml.safe_load(config.read_text())
+    raw["methods"].append("noncomm")
+    raw["method_params"] = {"noncomm": {**hparams, "w_sparsity": W_TARGET, "a_sparsity": A_TARGET}}
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["--config", str(config), "run", "--method", "noncomm", "--dataset", "digits", "--seed", "0",
+                 "--epochs", "2", "--budget", "0.05", "--checkpoint", str(digits_workspace.checkpoint),
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = CompressionPlan.load(out / "plan.json")
+    assert metrics["target_met"] is True and metrics["relative_bops"] <= 0.05
+    pruned = hparams["order"] != "q"
+    assert metrics["weight_sparsity"] == pytest.approx(W_TARGET if pruned else 0.0, abs=0.01)
+    layers = list(plan.layers)
+    for name in layers[1:-1]:
+        assert plan.layers[name].a_sparsity == pytest.approx(A_TARGET if pruned else 0.0, abs=0.01)
+    assert (metrics["activation_sparsity"] > 0.3) is pruned
+    assert (metrics["relative_sparse_bops"] < metrics["relative_bops"]) is pruned
