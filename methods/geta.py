@@ -1,0 +1,202 @@
+"""GETA: joint structured pruning and mixed-precision quantization-aware training.
+
+Qu et al., "Automatic Joint Structured Pruning and Quantization for Efficient Neural Network
+Training and Compression", CVPR 2025 (arXiv 2502.16638); code microsoft/geta.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from jpqbench.errors import UserError
+from jpqbench.learned_quant import calibrate_inputs, install_learned_quantizers, layer_bits
+from jpqbench.methods_api import Budget, Compressed, Method, RunContext
+from jpqbench.plan import CompressionPlan, plan_from_model, with_pruned, with_uniform_bits
+from jpqbench.qadg import PruningGroup, build_groups
+from jpqbench.qasso import (DEFAULT_SALIENCY, BitSchedule, Qasso, QassoConfig, Schedule, pruned_rows, saliency,
+                            select_lowest)
+from jpqbench.quant import FLOAT_BITS
+from jpqbench.registry import register_method
+
+
+@register_method("geta")
+class Geta(Method):
+    """GETA (Qu et al., CVPR 2025): QADG + QASSO -- structured pruning and learned bit widths in one training run.
+
+    Every conv/linear gets GETA's learned quantizer (step d, range q_m, exponent t; 16 bits at
+    start; jpqbench/learned_quant.py) on its weight, and in ``weight_activation`` mode on its
+    input. The quantization-aware dependency graph (jpqbench/qadg.py, on torch-pruning) groups
+    coupled channels; the quantizers stay with their layers. QASSO (jpqbench/qasso.py) then
+    runs inside the harness's training loop for the run's whole epoch budget: warm-up,
+    partial projection of d (b_u from ``max_bit_wt`` down by ``bit_reduction`` per period),
+    joint pruning (saliency-chosen redundant groups driven to exactly zero by the angle-based
+    step while d is chosen against the quantization residual), and a cool-down with frozen
+    bit widths. Stage lengths are fractions of the run's optimizer steps (upstream's VGG7
+    tutorial: projection over the first 20 %, pruning over the next 20 %, 5 periods each).
+
+    How it meets the budget: the bit range's upper end ``b_u`` and the target group sparsity
+    are derived before training with the harness's counter. The pruned set is predicted with
+    QASSO's own saliency score on the start model (gradients of ``calibration_batches``
+    training batches); for each ``b_u`` from ``max_final_bit`` down to ``min_bit_wt`` the
+    smallest predicted pruning whose plan (all layers at ``b_u`` bits, activations at ``b_u``
+    in ``weight_activation`` mode, else 32) is within the target is found by bisection, and
+    the largest ``b_u`` whose sparsity is at most ``max_group_sparsity`` wins. Bit widths end
+    in ``[b_l, b_u]``, so the planned cost is an upper bound up to the prediction of the
+    pruned set; a budget wall at the freeze removes bits (widest quantizer first) if QASSO's
+    choice of groups costs more than the prediction. ``target_group_sparsity`` fixes the
+    sparsity (then only ``b_u`` is derived).
+
+    Simplifications (see jpqbench/qasso.py for the full list): per-tensor quantizers as
+    upstream; the harness's optimizer (SGD with momentum or Adam, cosine schedule) takes the
+    gradient steps and QASSO acts after each; raw gradients in the angles and scores;
+    activation quantizers are unsigned on post-ReLU inputs, initialised from calibration data
+    (upstream: from the weight's range) and projected like the weights; no auxiliary-parameter
+    decay and no ``group_divisible``.
+    """
+
+    class Hparams(Method.Hparams):
+        mode: Literal["weight", "weight_activation"] = "weight"
+        nonlinear: bool = True  # learn the exponent t (upstream's default); False: t = 1
+        target_group_sparsity: float | None = Field(None, ge=0, lt=1)
+        max_group_sparsity: float = Field(0.5, gt=0, lt=1)
+        min_bit_wt: int = Field(4, ge=2, le=16)
+        max_bit_wt: int = Field(16, ge=2, le=16)
+        min_bit_act: int = Field(4, ge=2, le=16)
+        max_bit_act: int = Field(16, ge=2, le=16)
+        max_final_bit: int = Field(8, ge=2, le=16)
+        bit_reduction: int | None = Field(2, ge=1)
+        warmup_fraction: float = Field(0.0, ge=0, lt=1)
+        projection_fraction: float = Field(0.2, ge=0, lt=1)
+        pruning_fraction: float = Field(0.2, gt=0, lt=1)
+        projection_periods: int = Field(5, ge=1)
+        pruning_periods: int = Field(5, ge=1)
+        lr_quant: float = Field(1e-3, gt=0)
+        weight_ste_clip: float | None = Field(2.0, gt=0)
+        saliency: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SALIENCY))
+        calibration_batches: int = Field(4, ge=1)
+
+        @model_validator(mode="after")
+        def _consistent(self) -> "Geta.Hparams":
+            if self.warmup_fraction + self.projection_fraction + self.pruning_fraction > 1:
+                raise ValueError("warmup_fraction + projection_fraction + pruning_fraction must be at most 1")
+            if not self.min_bit_wt <= self.max_final_bit <= self.max_bit_wt:
+                raise ValueError("need min_bit_wt <= max_final_bit <= max_bit_wt")
+            if self.mode == "weight_activation" and not self.min_bit_act <= self.max_final_bit <= self.max_bit_act:
+                raise ValueError("need min_bit_act <= max_final_bit <= max_bit_act")
+            if any(w < 0 for w in self.saliency.values()) or not any(self.saliency.values()):
+                raise ValueError("saliency weights must be non-negative and not all zero")
+            return self
+
+    def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
+        hp = self.hp
+        activations = hp.mode == "weight_activation"
+        install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
+                                   init_bits=16, weight_ste_clip=hp.weight_ste_clip)
+        if activations:
+            calibrate_inputs(model, ctx.calibration_batches(hp.calibration_batches))
+        groups = build_groups(model, ctx.input_shape)
+        score = _start_saliency(model, groups, ctx, hp.calibration_batches, hp.saliency)
+        count, bits = self._derive(model, groups, score, budget, ctx)
+        channels = sum(g.size for g in groups)
+
+        steps_per_epoch = math.ceil(len(ctx.data.train) / ctx.recipe.batch_size)
+        if ctx.recipe.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, ctx.recipe.max_steps_per_epoch)
+        total = ctx.epochs * steps_per_epoch
+        schedule = Schedule.from_fractions(total, hp.warmup_fraction, hp.projection_fraction, hp.pruning_fraction,
+                                           hp.projection_periods, hp.pruning_periods)
+        config = QassoConfig(
+            target_group_sparsity=count / channels if channels else 0.0, lr_quant=hp.lr_quant,
+            weight_bits=BitSchedule(min(hp.min_bit_wt, bits), hp.max_bit_wt, bits, hp.bit_reduction),
+            input_bits=BitSchedule(min(hp.min_bit_act, bits), hp.max_bit_act, bits, hp.bit_reduction)
+            if activations else None,
+            saliency=dict(hp.saliency))
+        base_lr = ctx.recipe.finetune_lr
+        hooks = Qasso(model, groups, schedule, config,
+                      lr_at=lambda step: base_lr * 0.5 * (1 + math.cos(math.pi * step / total)),
+                      relative_cost=lambda m: ctx.cost(m, plan_from_model(m, self.name)).relative(budget.metric),
+                      target=budget.target)
+        hooks.attach(model)
+        ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=base_lr)
+        pruned = int(hooks.state(model).pruned.sum())
+        hooks.detach(model)
+        bits_used = layer_bits(model)
+        notes = {"group_sparsity": pruned / channels if channels else 0.0, "groups": len(groups),
+                 "channels": channels, "pruned_channels": pruned, "bit_range_w": [config.weight_bits.low, bits],
+                 "mean_w_bits": sum(b["w"] for b in bits_used.values()) / len(bits_used)}
+        if activations:
+            notes["bit_range_a"] = [config.input_bits.low, bits]
+        return Compressed(model, plan_from_model(model, self.name, notes))
+
+    def _derive(self, model: nn.Module, groups: list[PruningGroup], score: torch.Tensor, budget: Budget,
+                ctx: RunContext) -> tuple[int, int]:
+        """(number of channels to prune, upper bit width b_u) from the budget; see the class docstring."""
+        hp = self.hp
+        dense = CompressionPlan.dense(model)
+        channels = sum(g.size for g in groups)
+        max_count = channels - len(groups)  # one channel of every group survives
+        excluded = torch.zeros(channels, dtype=torch.bool)
+
+        def cost(count: int, bits: int) -> float:
+            layers, _ = pruned_rows(groups, select_lowest(score, groups, excluded, count))
+            a_bits = bits if hp.mode == "weight_activation" else FLOAT_BITS
+            return ctx.cost(model, with_uniform_bits(with_pruned(dense, layers), bits, a_bits)).relative(budget.metric)
+
+        def smallest_count(bits: int) -> int | None:
+            if cost(max_count, bits) > budget.target:
+                return None
+            low, high = -1, max_count  # cost(high) fits; cost(low) does not (or low = -1)
+            while high - low > 1:
+                mid = (low + high) // 2
+                if cost(mid, bits) <= budget.target:
+                    high = mid
+                else:
+                    low = mid
+            return high
+
+        candidates = range(hp.max_final_bit, hp.min_bit_wt - 1, -1)
+        if hp.target_group_sparsity is not None:
+            count = int(channels * hp.target_group_sparsity + 1e-9)
+            for bits in candidates:
+                if cost(count, bits) <= budget.target:
+                    return count, bits
+            raise UserError(f"GETA cannot reach budget {budget.target} at group sparsity {hp.target_group_sparsity} "
+                            f"with {hp.min_bit_wt}-bit weights", "raise target_group_sparsity, lower min_bit_wt, "
+                            "or leave target_group_sparsity unset to derive it from the budget")
+        options = []  # (count, bits) that meet the budget
+        for bits in candidates:
+            count = smallest_count(bits)
+            if count is None:
+                continue
+            if count <= hp.max_group_sparsity * channels:
+                return count, bits
+            options.append((count, bits))
+        if not options:
+            raise UserError(f"GETA cannot reach budget {budget.target}: pruning all but one channel per group at "
+                            f"{hp.min_bit_wt} bits still costs {cost(max_count, hp.min_bit_wt):.4f}",
+                            "choose a larger budget, lower min_bit_wt, or mode=weight_activation")
+        return min(options, key=lambda option: option[0])  # beyond max_group_sparsity: prune as little as possible
+
+
+def _start_saliency(model: nn.Module, groups: list[PruningGroup], ctx: RunContext, n_batches: int,
+                    weights: dict[str, float]) -> torch.Tensor:
+    """QASSO's saliency on the start model, with the gradient summed over ``n_batches`` training batches."""
+    loader = ctx.data.loader("train", ctx.recipe.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(ctx.seed))
+    was_training = model.training
+    model.eval()  # BN statistics stay those of the start model
+    model.zero_grad(set_to_none=True)
+    try:
+        for index, (inputs, targets) in enumerate(loader):
+            if index >= n_batches:
+                break
+            F.cross_entropy(model(inputs), targets).backward()
+        return saliency(model, groups, weights)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

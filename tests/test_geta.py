@@ -1,0 +1,285 @@
+"""GETA: the quantization-aware dependency graph on every zoo model, QASSO's stage properties
+(bit ranges, frozen integer bit widths, exact group sparsity, physically removable zeros) and
+a full `jpqbench run --method geta` that meets its budget."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from conftest import DigitsWorkspace
+from jpqbench.cli import main
+from jpqbench.config import TrainRecipe
+from jpqbench.data import DataBundle
+from jpqbench.errors import UserError
+from jpqbench.layers import compressible_layers
+from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_learned_quantizers, learned_quantizers
+from jpqbench.methods_api import Budget, RunContext, get_method
+from jpqbench.prune import classifier_name
+from jpqbench.qadg import PruningGroup, build_groups
+from jpqbench.qasso import BitSchedule, Qasso, QassoConfig, Schedule, apply_pruning, select_lowest
+from jpqbench.registry import MODELS
+
+# small inputs: graph construction does not depend on the resolution
+SHAPES = {"resnet8": (3, 16, 16), "resnet20": (3, 16, 16), "resnet56": (3, 16, 16), "vgg7": (3, 16, 16),
+          "digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet18_64": (3, 32, 32), "resnet18": (3, 32, 32),
+          "mobilenet_v2": (3, 32, 32), "resnet50": (3, 32, 32)}
+TORCHVISION = {"resnet18", "resnet18_64", "mobilenet_v2", "resnet50"}  # ~1.5-4 s each
+
+
+def _zoo_params() -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in TORCHVISION else n for n in MODELS.names()]
+
+
+def _channel_is_zero(model: nn.Module, groups: list[PruningGroup]) -> torch.Tensor:
+    """Per channel of every group: are all of its output-side parameters exactly 0.0?"""
+    modules = dict(model.named_modules())
+    flags = []
+    for group in groups:
+        zero = torch.ones(group.size, dtype=torch.bool)
+        for coupled in (*group.layers, *group.norms):
+            module = modules[coupled.module]
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    rows = param.detach()[coupled.rows].reshape(len(coupled.rows), -1)
+                    nonzero = (rows != 0).any(dim=1)
+                    zero[coupled.channels[nonzero]] = False
+        flags.append(zero)
+    return torch.cat(flags)
+
+
+def _physically_pruned(model: nn.Module, groups: list[PruningGroup], zero: torch.Tensor,
+                       shape: tuple[int, ...]) -> nn.Module:
+    """A plain copy with the quantized weights baked in, each layer's input quantizer kept as a
+    pre-hook, and the zero channels removed by torch-pruning."""
+    plain = copy.deepcopy(model)
+    for layer in compressible_layers(plain).values():
+        with torch.no_grad():
+            weight, bias = layer.effective_weight(), layer.effective_bias()
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        input_quantizer = layer.input_quantizer
+        del layer.weight_quantizer, layer.input_quantizer, layer.out_mask
+        layer.__class__ = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+        if isinstance(input_quantizer, LearnedQuantizer):
+            layer.register_forward_pre_hook(lambda m, args, q=input_quantizer: (q(args[0]),))
+    for module in plain.modules():  # the BN masks: their channels are zero by gamma = beta = 0 already
+        if hasattr(module, "channel_mask"):
+            module._forward_hooks.clear()
+            del module.channel_mask
+    graph = tp.DependencyGraph().build_dependency(plain, torch.ones(1, *shape))
+    modules = dict(plain.named_modules())
+    offset = 0
+    for group in groups:
+        local = torch.nonzero(zero[offset:offset + group.size]).flatten().tolist()
+        offset += group.size
+        if local:
+            root = modules[group.root]
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=local).prune()
+    return plain
+
+
+@pytest.mark.parametrize("name", _zoo_params())
+def test_qadg_groups_every_zoo_model_and_zero_groups_are_removable(name: str) -> None:
+    torch.manual_seed(0)
+    shape = SHAPES[name]
+    model = MODELS.get(name)(10, shape).eval()
+    install_learned_quantizers(model, weights=True, activations=True)
+    calibrate_inputs(model, [torch.randn(2, *shape)])
+    quantizer_state = {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k}
+    groups = build_groups(model, shape)
+
+    # every conv/linear output except the classifier's is in exactly one group; only conv/linear/BN rows
+    writers = [c.module for g in groups for c in g.layers]
+    assert len(writers) == len(set(writers))
+    assert set(writers) == set(compressible_layers(model)) - {classifier_name(model)}
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[c.module], nn.BatchNorm2d) for g in groups for c in g.norms)
+    assert all("quantizer" not in c.module for g in groups for c in (*g.layers, *g.norms))
+
+    # zero a third of every group (the lowest random scores), then remove them physically
+    channels = sum(g.size for g in groups)
+    chosen = select_lowest(torch.rand(channels), groups, torch.zeros(channels, dtype=torch.bool), channels // 3)
+    with torch.no_grad():
+        apply_pruning(modules, groups, chosen)
+    assert torch.equal(_channel_is_zero(model, groups), chosen)
+    x = torch.randn(2, *shape)
+    physical = _physically_pruned(model, groups, chosen, shape)
+    with torch.no_grad():
+        expected, got = model(x), physical(x)
+    assert sum(p.numel() for p in physical.parameters()) < sum(p.numel() for p in model.parameters())
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # the quantizers travel with their layers: not one of their parameters or buffers changed
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in quantizer_state.items())
+
+
+# ---- QASSO on a tiny model -------------------------------------------------------------
+
+def _tiny_ctx(tmp_path: Path, epochs: int = 5, n: int = 256) -> RunContext:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    y = (x[:, 0, :4].sum(dim=(1, 2)) > 0).long() + 2 * (x[:, 0, 4:].sum(dim=(1, 2)) > 0).long()
+    split = TensorDataset(x, y)
+    data = DataBundle("tiny", split, TensorDataset(x[:64], y[:64]), TensorDataset(x[:64], y[:64]), 4, (1, 8, 8),
+                      "digits_cnn")
+    recipe = TrainRecipe(model="digits_cnn", pretrain_epochs=1, epochs=epochs, batch_size=32, lr=0.05,
+                         finetune_lr=0.02, eval_every=100)
+    return RunContext(data=data, recipe=recipe, epochs=epochs, seed=0, work_dir=tmp_path)
+
+
+class _Recording(Qasso):
+    """QASSO that records every quantizer's bit width after every step."""
+
+    log: list[tuple[int, str, dict[str, tuple[float, bool, float]]]]
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        super().after_step(model, step)
+        self.log.append((step, self.schedule.stage(step), {
+            name: (q.bit_width().item(), q.frozen, q.q_m.item()) for name, q in learned_quantizers(model).items()}))
+
+
+@pytest.fixture(scope="module")
+def qasso_run(tmp_path_factory: pytest.TempPathFactory):
+    """digits_cnn (weights and inputs quantized) trained 5 tiny epochs (40 steps) under QASSO."""
+    torch.manual_seed(0)
+    ctx = _tiny_ctx(tmp_path_factory.mktemp("qasso"))
+    model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+    install_learned_quantizers(model, weights=True, activations=True)
+    calibrate_inputs(model, ctx.calibration_batches(2))
+    groups = build_groups(model, (1, 8, 8))
+    schedule = Schedule.from_fractions(40, warmup=0.1, projection=0.3, pruning=0.3, projection_periods=3,
+                                       pruning_periods=3)
+    config = QassoConfig(target_group_sparsity=0.4, lr_quant=1e-3, weight_bits=BitSchedule(3, 12, 6, 2),
+                         input_bits=BitSchedule(4, 12, 7, 3))
+    hooks = _Recording(model, groups, schedule, config, lr_at=lambda s: 0.02)
+    hooks.log = []
+    hooks.attach(model)
+    ctx.train(model, ctx.epochs, phase="qasso", hooks=hooks, lr=0.02)
+    state = copy.deepcopy(hooks.state(model))
+    hooks.detach(model)
+    return model, groups, schedule, config, hooks, state
+
+
+def test_schedule_stages_and_upper_bits(qasso_run) -> None:
+    _, _, schedule, config, hooks, _ = qasso_run
+    assert (schedule.projection_start, schedule.pruning_start, schedule.cooldown_start) == (4, 16, 28)
+    uppers = [config.weight_bits.upper(schedule, s) for s in range(schedule.projection_start, schedule.pruning_start)]
+    assert uppers[0] == 12 and uppers[-1] == 8 and uppers == sorted(uppers, reverse=True)  # 12, 10, 8
+    assert config.weight_bits.upper(schedule, schedule.pruning_start) == 6  # the final range in the joint stage
+    assert [s for s, *_ in hooks.log] == list(range(40))
+
+
+def test_bit_widths_stay_in_the_projected_range(qasso_run) -> None:
+    _, _, schedule, config, hooks, _ = qasso_run
+    checked = 0
+    for step, stage, widths in hooks.log:
+        if stage not in ("projection", "joint"):
+            continue
+        for name, (width, frozen, _) in widths.items():
+            bits = config.input_bits if name.endswith("input_quantizer") else config.weight_bits
+            assert frozen == (step == schedule.cooldown_start - 1)  # frozen after the joint stage's last step
+            assert bits.low - 1e-6 <= width <= bits.upper(schedule, step) + 1e-6, (step, name, width)
+            checked += 1
+    assert checked > 0
+    # the projection really bit: the 16-bit start is brought down to b_u in the first projection step
+    first = next(w for s, stage, w in hooks.log if stage == "projection")
+    assert max(width for width, *_ in first.values()) <= 12 + 1e-6
+
+
+def test_cooldown_bit_widths_are_integer_and_frozen(qasso_run) -> None:
+    model, _, schedule, config, hooks, _ = qasso_run
+    cooldown = [w for _, stage, w in hooks.log if stage == "cooldown"]
+    assert len(cooldown) == 40 - schedule.cooldown_start
+    for widths in cooldown:
+        for name, (width, frozen, _) in widths.items():
+            assert frozen and width == pytest.approx(round(width), abs=1e-9)
+            assert width == pytest.approx(cooldown[0][name][0], abs=1e-9)  # the same bits all through
+    q_m_moved = any(cooldown[-1][n][2] != cooldown[0][n][2] for n in cooldown[0])
+    assert q_m_moved  # q_m (and t) keep training while the bit widths are frozen
+    for name, quantizer in learned_quantizers(model).items():
+        assert quantizer.bits == round(cooldown[-1][name][0])
+        bits = config.input_bits if name.endswith("input_quantizer") else config.weight_bits
+        assert bits.low <= quantizer.bits <= bits.final
+
+
+def test_exactly_the_target_share_of_channels_is_zero_and_removable(qasso_run) -> None:
+    model, groups, _, config, _, state = qasso_run
+    channels = sum(g.size for g in groups)
+    zero = _channel_is_zero(model, groups)
+    assert int(zero.sum()) == int(channels * config.target_group_sparsity)
+    assert torch.equal(zero, state.pruned) and not state.redundant.any()
+    offset = 0
+    for group in groups:  # every group keeps a channel
+        assert not zero[offset:offset + group.size].all()
+        offset += group.size
+    layers = compressible_layers(model)
+    for group in groups:  # the plan's masks are the zero rows
+        for coupled in group.layers:
+            mask = layers[coupled.module].out_mask
+            offset = sum(g.size for g in groups[:groups.index(group)])
+            assert torch.equal(mask[coupled.rows] == 0, zero[offset + coupled.channels])
+    model.eval()
+    x = torch.randn(8, 1, 8, 8)
+    physical = _physically_pruned(model, groups, zero, (1, 8, 8))
+    with torch.no_grad():
+        expected, got = model(x), physical(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_too_few_steps_for_the_stages_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="too few"):
+        Schedule.from_fractions(2, warmup=0.5, projection=0.5, pruning=0.5, projection_periods=1, pruning_periods=1)
+
+
+def test_bad_hyperparameters_are_rejected() -> None:
+    with pytest.raises(UserError, match="geta"):
+        get_method("geta")(warmup_fraction=0.5, projection_fraction=0.4, pruning_fraction=0.3)
+    with pytest.raises(UserError, match="geta"):
+        get_method("geta")(min_bit_wt=6, max_final_bit=4)
+
+
+def test_same_seed_same_compressed_model(tmp_path: Path) -> None:
+    states = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+        ctx = _tiny_ctx(tmp_path / run, epochs=2, n=128)
+        compressed = get_method("geta")().compress(model, Budget("bops", 0.05), ctx)
+        assert ctx.cost(compressed.model, compressed.plan).relative_bops <= 0.05 * 1.10
+        states.append((compressed.model.state_dict(), compressed.plan.to_dict()))
+    assert states[0][1] == states[1][1]
+    assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
+
+
+# ---- end to end through the CLI ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["geta", "geta[mode=weight_activation,nonlinear=false]"])
+def test_jpqbench_run_geta_meets_its_budget(spec: str, digits_workspace: DigitsWorkspace, tmp_path: Path,
+                                           no_env_tracking_uri) -> None:
+    out = tmp_path / "run"
+    budget = 0.05
+    assert main(["--config", str(digits_workspace.config), "run", "--method", spec, "--dataset", "digits",
+                 "--seed", "0", "--epochs", "2", "--checkpoint", str(digits_workspace.checkpoint),
+                 "--out", str(out), "--budget", str(budget)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["target_met"] is True
+    assert metrics["relative_bops"] <= budget * 1.10
+    plan = json.loads((out / "plan.json").read_text())
+    notes = plan["notes"]
+    assert notes["pruned_channels"] > 0 and 0 < notes["group_sparsity"] < 1
+    low, high = notes["bit_range_w"]
+    assert all(low <= layer["w_bits"] <= high for layer in plan["layers"].values())
+    if "weight_activation" in spec:
+        low, high = notes["bit_range_a"]
+        assert all(low <= layer["a_bits"] <= high for layer in plan["layers"].values())
+    else:
+        assert all(layer["a_bits"] == 32 for layer in plan["layers"].values())
