@@ -294,7 +294,7 @@ class Qasso(TrainHooks):
         self.lr_at, self.relative_cost, self.target = lr_at, relative_cost, target
         self.offsets = _offsets(groups)
         self.channels = sum(g.size for g in groups)
-        self.target_count = int(self.channels * min(config.target_group_sparsity, 0.999))
+        self.target_count = int(self.channels * min(config.target_group_sparsity, 0.999) + 1e-9)
         per_period = self.target_count // schedule.pruning_periods
         self.period_counts = [per_period] * (schedule.pruning_periods - 1)
         self.period_counts.append(self.target_count - sum(self.period_counts))

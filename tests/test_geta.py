@@ -261,6 +261,36 @@ def test_same_seed_same_compressed_model(tmp_path: Path) -> None:
     assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
 
 
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QASSO's state (redundant and pruned channels, frozen bits, masks) is in the checkpoint: a run
+    stopped after epoch 2 -- in the middle of its pruning period -- continues exactly where it was."""
+    def run(work: Path) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+        ctx = _tiny_ctx(work, epochs=5, n=128)  # 4 steps per epoch; one pruning period, steps 4..11
+        compressed = get_method("geta")(pruning_periods=1, pruning_fraction=0.4).compress(
+            model, Budget("bops", 0.05), ctx)
+        return compressed.model.state_dict(), compressed.plan.to_dict()
+
+    reference = run(tmp_path / "reference")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_epoch_2(self, model, epoch):
+        if epoch == 2:
+            raise Stop
+    with monkeypatch.context() as patch:
+        patch.setattr(Qasso, "on_epoch_start", stop_at_epoch_2)
+        with pytest.raises(Stop):
+            run(tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "geta.pt").exists()
+    resumed = run(tmp_path / "resumed")
+    assert resumed[1] == reference[1]
+    assert resumed[0].keys() == reference[0].keys()
+    assert all(torch.equal(resumed[0][k], reference[0][k]) for k in reference[0])
+
+
 # ---- end to end through the CLI ------------------------------------------------------------
 
 @pytest.mark.slow
