@@ -45,9 +45,9 @@ class Geta(Method):
     training batches); for each ``b_u`` from ``max_final_bit`` down to ``min_bit_wt`` the
     smallest predicted pruning whose plan (all layers at ``b_u`` bits, activations at ``b_u``
     in ``weight_activation`` mode, else 32) is within the target is found by bisection, and
-    the largest ``b_u`` whose sparsity is at most ``max_group_sparsity`` wins. Bit widths end
-    in ``[b_l, b_u]``, so the planned cost is an upper bound up to the prediction of the
-    pruned set; a budget wall at the freeze removes bits (widest quantizer first) if QASSO's
+    the largest ``b_u`` whose sparsity is at most ``max_group_sparsity`` wins (if none is, the
+    ``b_u`` that needs the least pruning). Bit widths end in ``[b_l, b_u]``, so the planned cost
+    is an upper bound up to the prediction of the pruned set; a budget wall at the freeze removes bits (widest quantizer first) if QASSO's
     choice of groups costs more than the prediction. ``target_group_sparsity`` fixes the
     sparsity (then only ``b_u`` is derived).
 
@@ -112,7 +112,7 @@ class Geta(Method):
                                            hp.projection_periods, hp.pruning_periods)
         config = QassoConfig(
             target_group_sparsity=count / channels if channels else 0.0, lr_quant=hp.lr_quant,
-            weight_bits=BitSchedule(min(hp.min_bit_wt, bits), hp.max_bit_wt, bits, hp.bit_reduction),
+            weight_bits=BitSchedule(hp.min_bit_wt, hp.max_bit_wt, bits, hp.bit_reduction),
             input_bits=BitSchedule(min(hp.min_bit_act, bits), hp.max_bit_act, bits, hp.bit_reduction)
             if activations else None,
             saliency=dict(hp.saliency))
@@ -162,6 +162,10 @@ class Geta(Method):
         candidates = range(hp.max_final_bit, hp.min_bit_wt - 1, -1)
         if hp.target_group_sparsity is not None:
             count = int(channels * hp.target_group_sparsity + 1e-9)
+            if count > max_count:
+                raise UserError(f"target_group_sparsity {hp.target_group_sparsity} would prune whole groups "
+                                f"(at most {max_count} of {channels} channels can go)",
+                                "choose a smaller target_group_sparsity")
             for bits in candidates:
                 if cost(count, bits) <= budget.target:
                     return count, bits
