@@ -77,10 +77,12 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
 MODELS: Registry = Registry("model")
+COST_MODELS: Registry = Registry("cost model")  # hardware cost models (jpqbench/hw_cost.py, cost_models/)
 
 register_method = METHODS.register
 register_dataset = DATASETS.register
 register_model = MODELS.register
+register_cost_model = COST_MODELS.register
 
 _discovered = False
 

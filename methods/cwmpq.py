@@ -1,0 +1,697 @@
+"""Joint pruning + channel-wise mixed-precision quantization (cwmpq).
+
+Motetti, Risso, Burrello et al., "Joint pruning and channel-wise mixed-precision quantization
+for efficient deep neural networks", IEEE TC 2024 (arXiv 2407.01054); upstream code in
+eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom:
+
+1. quantizers: symmetric per-channel min-max weights, PACT activations, and their
+   softmax-weighted mixtures over a precision set (0 bits = a zero weight = a pruned channel);
+2. the search space: one logit vector per output channel of every dependency group
+   (torch-pruning: residual partners and depthwise convs share it), one per layer input;
+3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength driven
+   towards the budget, and a final walk that lowers precisions until the harness counter agrees;
+4. the method: float warm-up -> search -> fine-tune with frozen precisions.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from jpqbench.errors import UserError
+from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
+from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
+from jpqbench.methods_api import Budget, Compressed, Method, RunContext
+from jpqbench.plan import plan_from_model
+from jpqbench.prune import classifier_name
+from jpqbench.quant import UniformQuantizer, round_ste
+from jpqbench.registry import register_method
+from jpqbench.train import TrainHooks
+
+Assignment = list[torch.Tensor]  # per PrecisionChoice: the chosen precision index of every slot
+
+
+# ---------------------------------------------------------------------------------- quantizers
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel min-max fake quantization; 0 bits gives zeros.
+
+    The step is max|W_c| / (2^(b-1) - 1) and the integers span +-(2^(b-1) - 1); the rounding is
+    straight-through in the integer domain, so every value lies exactly on the channel's grid.
+    """
+    if bits == 0:
+        return torch.zeros_like(weight)
+    levels = 2 ** (bits - 1) - 1
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    step = (weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1) / levels).clamp_min(1e-12).view(shape)
+    return torch.clamp(round_ste(weight / step), -levels, levels) * step
+
+
+class _PACT(torch.autograd.Function):
+    """PACT's forward and gradients: x passes where it is inside the clip range, the clip collects
+    the gradient of the clipped elements, rounding and the step are straight-through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+        high = clip.detach().clamp_min(1e-3)
+        levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+        low = -high if signed else torch.zeros_like(high)
+        ctx.save_for_backward(x, low, high)
+        ctx.signed = signed
+        step = high / levels
+        return torch.round(torch.clamp(x, low, high) / step) * step
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, low, high = ctx.saved_tensors
+        above, below = x >= high, x <= low
+        grad_clip = torch.where(above, grad, 0.0).sum()
+        if ctx.signed:
+            grad_clip = grad_clip - torch.where(below, grad, 0.0).sum()
+        return grad.masked_fill(above | below, 0.0), grad_clip.reshape(high.shape), None, None
+
+
+def pact(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """PACT (Choi et al. 2018): clip to [0, clip] (or [-clip, clip] for a signed input), then round onto
+    2^b - 1 steps (2^(b-1) - 1 per side if signed); zero stays exactly zero."""
+    return _PACT.apply(x, clip, bits, signed)
+
+
+class PrecisionChoice(nn.Module):
+    """Logits ``alpha`` (precisions x slots) over a precision set, shared by everything that uses its slots.
+
+    Training: ``theta = softmax(alpha / T)``; evaluation: the argmax one-hot; frozen: a fixed
+    one-hot (the chosen precisions of the fine-tuning phase). ``alpha_p`` starts at p / max(P).
+    """
+
+    def __init__(self, precisions: Sequence[int], slots: int, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.precisions = tuple(sorted(precisions))
+        top = max(self.precisions)
+        self.alpha = nn.Parameter(torch.tensor([p / top for p in self.precisions]).unsqueeze(1).repeat(1, slots))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("choice", torch.zeros(slots, dtype=torch.long))
+        self.register_buffer("frozen", torch.tensor(False))
+
+    @property
+    def zero_index(self) -> int | None:
+        return self.precisions.index(0) if 0 in self.precisions else None
+
+    def hard(self) -> torch.Tensor:
+        """The chosen precision index of every slot (argmax, or the frozen choice)."""
+        return self.choice if bool(self.frozen) else self.alpha.detach().argmax(dim=0)
+
+    def probs(self) -> torch.Tensor:
+        if self.training and not bool(self.frozen):
+            return F.softmax(self.alpha / self.temperature, dim=0)
+        return F.one_hot(self.hard(), len(self.precisions)).T.to(self.alpha.dtype)
+
+    def freeze(self, choice: torch.Tensor) -> None:
+        self.choice.copy_(choice)
+        self.frozen.fill_(True)
+        self.alpha.requires_grad_(False)
+
+
+class MixedPrecisionWeight(nn.Module):
+    """``sum_p theta_{p,c} Q_p(W_c)`` per output channel c; ``slot[c]`` is c's slot in the shared choice."""
+
+    def __init__(self, choice: PrecisionChoice, slot: torch.Tensor) -> None:
+        super().__init__()
+        self.choice = choice
+        self.register_buffer("slot", slot)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        probs = self.choice.probs()[:, self.slot]
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        out = torch.zeros_like(weight)
+        for index, bits in enumerate(self.choice.precisions):
+            if bits == 0 or (not probs.requires_grad and not bool(probs[index].any())):
+                continue
+            out = out + probs[index].view(shape) * quantize_weight(weight, bits)
+        return out
+
+    @property
+    def bits(self) -> list[int]:
+        return [self.choice.precisions[i] for i in self.choice.hard()[self.slot].tolist()]
+
+
+class MixedPrecisionActivation(nn.Module):
+    """``sum_q theta_q PACT_q(x)`` for a layer input, one learned clip per precision (init 6)."""
+
+    def __init__(self, choice: PrecisionChoice, signed: bool, clip_init: float) -> None:
+        super().__init__()
+        self.choice = choice
+        self.signed = signed
+        self.clip = nn.Parameter(torch.full((len(choice.precisions),), float(clip_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.choice.probs()[:, 0]
+        terms = [probs[index] * pact(x, self.clip[index], bits, self.signed)
+                 for index, bits in enumerate(self.choice.precisions) if probs.requires_grad or bool(probs[index])]
+        return sum(terms[1:], terms[0])
+
+    @property
+    def bits(self) -> int:
+        return self.choice.precisions[int(self.choice.hard()[0])]
+
+
+class ChannelGate(nn.Module):
+    """Keep probability ``1 - theta_0`` of each channel, applied during the search to a BN's output
+    (BN would otherwise normalise the soft pruning of its conv away) or to a BN-less conv's bias."""
+
+    def __init__(self, choice: PrecisionChoice, slot: torch.Tensor) -> None:
+        super().__init__()
+        self.choice = choice
+        self.register_buffer("slot", slot)
+
+    def forward(self) -> torch.Tensor:
+        return 1 - self.choice.probs()[self.choice.zero_index, self.slot]
+
+
+def _gate_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output * module.cwmpq_gate().view(1, -1, *([1] * (output.dim() - 2)))
+
+
+def _gate_bias(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    dropped = (1 - module.cwmpq_gate()) * module.bias
+    return output - dropped.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+# -------------------------------------------------------------------------------- search space
+@dataclass
+class _Group:
+    """One torch-pruning dependency group: per module, which of its channels map to which slot."""
+
+    size: int
+    producers: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # out channels
+    consumers: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # in channels
+    norms: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
+    norm_inputs: dict[str, str] = field(default_factory=dict)  # BN -> the conv/linear feeding it
+
+
+def dependency_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[_Group]:
+    """Coupled channels from torch-pruning's dependency graph (the classifier's outputs excluded).
+
+    Channel i of a group's root maps to ``len(idxs) / size`` consecutive indices of every coupled
+    module (more than one after a flatten).
+    """
+    probe = copy.deepcopy(model).eval()
+    names = {id(m): name for name, m in probe.named_modules()}
+    head = probe.get_submodule(classifier_name(probe))
+    graph = tp.DependencyGraph().build_dependency(probe, torch.ones(1, *input_shape))
+    groups = []
+    for dependencies in graph.get_all_groups(ignored_layers=[head], root_module_types=[nn.Conv2d, nn.Linear]):
+        group = _Group(size=len(dependencies[0].idxs))
+        for item in dependencies:
+            module, handler = item.dep.target.module, item.dep.handler.__name__
+            name, idxs = names.get(id(module)), [int(i) for i in item.idxs]
+            if name is None or len(idxs) % group.size:
+                continue
+            slots = torch.arange(group.size).repeat_interleave(len(idxs) // group.size)
+            conv_or_linear = isinstance(module, (nn.Conv2d, nn.Linear))
+            if handler == "prune_out_channels" and conv_or_linear:
+                group.producers[name] = (idxs, slots)
+            elif handler == "prune_in_channels" and conv_or_linear:
+                group.consumers[name] = (idxs, slots)
+            elif handler == "prune_out_channels" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                group.norms[name] = (idxs, slots)
+                feeding = [node.module for node in graph.module2node[module].inputs]
+                if len(feeding) == 1 and names.get(id(feeding[0])) is not None:
+                    group.norm_inputs[name] = names[id(feeding[0])]
+        groups.append(group)
+    return groups
+
+
+def _slot_map(channels: int, idxs: list[int], slots: torch.Tensor) -> torch.Tensor:
+    out = torch.full((channels,), -1, dtype=torch.long)
+    out[idxs] = slots
+    return out
+
+
+class SearchSpace:
+    """The per-channel weight choices and per-layer activation choices of a model, wired in place.
+
+    Layers that produce the channels of one dependency group (residual partners, a depthwise conv
+    and its producer) share one :class:`PrecisionChoice`, so they always agree on precision and
+    pruning. Layers whose outputs are not prunable (the classifier) get a choice without 0 bits.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], w_precisions: Sequence[int],
+                 a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float) -> None:
+        make_compressible(model)
+        self.model = model
+        self.layers = compressible_layers(model)
+        self.shapes = layer_shapes(model, input_shape)
+        modules = dict(model.named_modules())
+        self.w_choices: list[PrecisionChoice] = []
+        self.weight_slot: dict[str, tuple[int, torch.Tensor]] = {}
+        self.inputs: dict[str, list[tuple[int, list[int], torch.Tensor]]] = {name: [] for name in self.layers}
+        self.norms: dict[str, tuple[int, torch.Tensor]] = {}
+        self.gated: dict[str, Any] = {}  # module name -> hook handle of its search-time gate
+        for group in dependency_groups(model, input_shape):
+            index = len(self.w_choices)
+            self.w_choices.append(PrecisionChoice(w_precisions, group.size))
+            for name, (idxs, slots) in group.producers.items():
+                if name in self.weight_slot:
+                    raise ValueError(f"layer {name} produces channels of two dependency groups")
+                self.weight_slot[name] = (index, _slot_map(self.layers[name].weight.shape[0], idxs, slots))
+            for name, (idxs, slots) in group.consumers.items():
+                self.inputs[name].append((index, idxs, slots))
+            for name, (idxs, slots) in group.norms.items():
+                self.norms[name] = (index, _slot_map(modules[name].num_features, idxs, slots))
+            if 0 in w_precisions:
+                fed = set(group.norm_inputs.values())
+                for name in group.norms:
+                    self._gate(modules[name], ChannelGate(self.w_choices[index], self.norms[name][1]), _gate_output, name)
+                for name in group.producers:
+                    if name not in fed and self.layers[name].bias is not None:
+                        self._gate(self.layers[name], ChannelGate(self.w_choices[index], self.weight_slot[name][1]),
+                                   _gate_bias, name)
+        unprunable = tuple(p for p in w_precisions if p != 0)
+        for name, layer in self.layers.items():
+            if name not in self.weight_slot:
+                self.weight_slot[name] = (len(self.w_choices), torch.arange(layer.weight.shape[0]))
+                self.w_choices.append(PrecisionChoice(unprunable, layer.weight.shape[0]))
+            index, slot = self.weight_slot[name]
+            if bool((slot < 0).any()):
+                raise ValueError(f"layer {name}: output channels outside its dependency group")
+            layer.weight_quantizer = MixedPrecisionWeight(self.w_choices[index], slot)
+        self.a_choices = [PrecisionChoice(a_precisions, 1) for _ in self.layers]
+        for choice, (name, layer) in zip(self.a_choices, self.layers.items()):
+            layer.input_quantizer = MixedPrecisionActivation(choice, name in signed_inputs, clip_init)
+
+    def _gate(self, module: nn.Module, gate: ChannelGate, hook: Callable, name: str) -> None:
+        module.cwmpq_gate = gate
+        self.gated[name] = module.register_forward_hook(hook)
+
+    @property
+    def choices(self) -> list[PrecisionChoice]:
+        return self.w_choices + self.a_choices
+
+    def set_temperature(self, temperature: float) -> None:
+        for choice in self.choices:
+            choice.temperature.fill_(temperature)
+
+    # ---- costs
+    def cost_inputs(self, probs: Sequence[torch.Tensor]) -> list[LayerCostInput]:
+        """Per layer, the cost model's view of ``probs`` (one matrix per choice, in :attr:`choices` order)."""
+        w_probs, a_probs = probs[:len(self.w_choices)], probs[len(self.w_choices):]
+        out = []
+        for name, a_prob, a_choice in zip(self.layers, a_probs, self.a_choices):
+            shape, (index, slot) = self.shapes[name], self.weight_slot[name]
+            alive = torch.ones(shape.in_channels, dtype=w_probs[index].dtype)
+            for producer, idxs, slots in self.inputs[name]:
+                zero = self.w_choices[producer].zero_index
+                if zero is not None:
+                    alive = alive.index_put((torch.tensor(idxs),), 1 - w_probs[producer][zero, slots])
+            out.append(LayerCostInput(shape, w_probs[index][:, slot], self.w_choices[index].precisions,
+                                      a_prob[:, 0], a_choice.precisions, alive))
+        return out
+
+    def soft_probs(self) -> list[torch.Tensor]:
+        return [choice.probs() for choice in self.choices]
+
+    def hard_assignment(self) -> Assignment:
+        return [choice.hard().clone() for choice in self.choices]
+
+    def one_hot(self, assignment: Assignment, requires_grad: bool = False) -> list[torch.Tensor]:
+        """Float64 one-hot matrices: hard costs are sums of integers, exact in float64 (not in float32)."""
+        return [F.one_hot(idx, len(c.precisions)).T.double().requires_grad_(requires_grad)
+                for idx, c in zip(assignment, self.choices)]
+
+    def cost(self, model: CostModel, assignment: Assignment) -> float:
+        with torch.no_grad():
+            return float(model.total(self.cost_inputs(self.one_hot(assignment))))
+
+    # ---- freezing
+    @torch.no_grad()
+    def apply(self, assignment: Assignment) -> None:
+        """Freeze ``assignment``: fixed precisions, 0-bit channels masked (weights, bias, BN), gates removed."""
+        for choice, idx in zip(self.choices, assignment):
+            choice.freeze(idx)
+        modules = dict(self.model.named_modules())
+        for name, handle in self.gated.items():
+            handle.remove()
+            del modules[name].cwmpq_gate
+        self.gated = {}
+        for name, layer in self.layers.items():
+            layer.out_mask.copy_(torch.tensor(layer.weight_quantizer.bits) != 0)
+        for name, (index, slot) in self.norms.items():
+            choice = self.w_choices[index]
+            mask_batchnorm(modules[name], (choice.hard()[slot] != choice.zero_index).float())
+
+    @torch.no_grad()
+    def to_core_modules(self) -> None:
+        """Replace the frozen mixtures by what they compute, in harness modules only: the quantized weights
+        are written into ``weight`` (each channel on its own grid) and each PACT becomes the equivalent
+        calibrated :class:`UniformQuantizer`, so the returned model unpickles without this plugin."""
+        for layer in self.layers.values():
+            layer.weight.copy_(layer.weight_quantizer(layer.weight))
+            layer.weight_quantizer = nn.Identity()
+            pact_module = layer.input_quantizer
+            bits = pact_module.bits
+            signed = pact_module.signed
+            quantizer = UniformQuantizer(bits, "symmetric" if signed else "asymmetric")
+            levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+            clip = pact_module.clip[pact_module.choice.precisions.index(bits)].clamp_min(1e-3)
+            quantizer.step.fill_(float(clip / levels))
+            quantizer.initialized.fill_(True)
+            layer.input_quantizer = quantizer
+
+
+# -------------------------------------------------------------------------------------- budget
+@dataclass(order=True)
+class _Move:
+    """Move slot ``slot`` of choice ``choice`` to precision index ``to``: ``score`` = logit change per unit of cost."""
+
+    score: float
+    delta: float  # estimated |cost change|
+    choice: int
+    slot: int
+    to: int
+
+
+def _moves(space: SearchSpace, assignment: Assignment, model: CostModel, step: int) -> list[_Move]:
+    """Every one-precision move down (``step=-1``) or up (``step=+1``, never out of 0 bits), best first.
+
+    A move's score is ``alpha[current] - alpha[new]`` per unit of cost it saves (down) or adds (up):
+    the moves the search's logits mind least per bit come first. Cost changes are estimated from the
+    gradient of the cost at the one-hot assignment -- exact for a channel's own layer, approximate
+    where the slot also sets the fan-in of a layer of its own group (a depthwise conv).
+    """
+    onehots = space.one_hot(assignment, requires_grad=True)
+    grads = torch.autograd.grad(model.total(space.cost_inputs(onehots)), onehots, allow_unused=True)
+    moves = []
+    for k, (choice, idx, grad) in enumerate(zip(space.choices, assignment, grads)):
+        if grad is None:
+            continue
+        zero = -1 if choice.zero_index is None else choice.zero_index
+        movable = idx > 0 if step < 0 else (idx < len(choice.precisions) - 1) & (idx != zero)
+        slots = torch.nonzero(movable).flatten()
+        current, new = idx[slots], idx[slots] + step
+        delta = (grad[current, slots] - grad[new, slots]) * -step
+        change = choice.alpha.detach()[current, slots] - choice.alpha.detach()[new, slots]
+        for s, to, d, c in zip(slots.tolist(), new.tolist(), delta.tolist(), change.tolist()):
+            if d > 0:
+                moves.append(_Move(c / d, d, k, s, to))
+    return sorted(moves)
+
+
+def _lower(space: SearchSpace, assignment: Assignment, model: CostModel, excess: float,
+           limit: int) -> Assignment | None:
+    """Apply the best downward moves until their estimated saving covers ``excess``; every group keeps a channel."""
+    kept = [len(idx) if c.zero_index is None else int((idx != c.zero_index).sum())
+            for c, idx in zip(space.choices, assignment)]
+    new, saved, moves = [idx.clone() for idx in assignment], 0.0, 0
+    for move in _moves(space, assignment, model, -1):
+        if move.to == space.choices[move.choice].zero_index:
+            if kept[move.choice] <= 1:
+                continue
+            kept[move.choice] -= 1
+        new[move.choice][move.slot] = move.to
+        saved, moves = saved + move.delta, moves + 1
+        if saved >= excess or moves >= limit:
+            break
+    return new if moves else None
+
+
+def _raise(space: SearchSpace, assignment: Assignment, model: CostModel, slack: float, limit: int,
+           excluded: set[tuple[int, int]]) -> tuple[Assignment, list[_Move]]:
+    """Apply the best upward moves whose estimated cost still fits in ``slack``."""
+    new, used, chosen = [idx.clone() for idx in assignment], 0.0, []
+    for move in _moves(space, assignment, model, +1):
+        if (move.choice, move.slot) in excluded or used + move.delta > slack:
+            continue
+        new[move.choice][move.slot] = move.to
+        used += move.delta
+        chosen.append(move)
+        if len(chosen) >= limit:
+            break
+    return new, chosen
+
+
+def _keep_a_channel(space: SearchSpace, assignment: Assignment) -> Assignment:
+    """Give every group the search pruned entirely back the channel whose logits least prefer 0 bits
+    (at its best non-zero precision): a fully pruned group would cut the network."""
+    fixed = [idx.clone() for idx in assignment]
+    for choice, idx in zip(space.choices, fixed):
+        zero = choice.zero_index
+        if zero is not None and bool((idx == zero).all()):
+            alpha = choice.alpha.detach().clone()
+            alpha[zero] = -math.inf
+            best, index = alpha.max(dim=0)
+            slot = int((best - choice.alpha.detach()[zero]).argmax())
+            idx[slot] = index[slot]
+    return fixed
+
+
+def fit_to_budget(space: SearchSpace, assignment: Assignment, model: CostModel,
+                  relative: Callable[[Assignment], float], target: float, dense: float,
+                  fill: bool = True, max_share: float = 0.05) -> tuple[Assignment, int]:
+    """Project an assignment onto the budget: lower precisions until ``relative(a) <= target``, then
+    (``fill``) raise precisions of kept channels and of layer inputs while the cost stays within it.
+
+    Moves are taken in batches of at most ``max_share`` of the candidates; a raise batch that the
+    exact cost refuses is halved, a single refused move is dropped. Returns the assignment and the
+    number of accepted batches.
+    """
+    limit = lambda n: max(1, int(max_share * n))  # noqa: E731 -- batch size for n candidates
+    assignment, batches = _keep_a_channel(space, assignment), 0
+    while (achieved := relative(assignment)) > target:
+        lowered = _lower(space, assignment, model, (achieved - target) * dense,
+                         limit(sum(len(idx) for idx in assignment)))
+        if lowered is None:
+            raise UserError(f"budget {target} cannot be reached: with every precision lowered as far as the "
+                            f"precision sets allow, the model still costs {achieved:.4f} of FP32",
+                            "choose a larger budget or add lower precisions (w_precisions / a_precisions)")
+        assignment, batches = lowered, batches + 1
+    cap, excluded = limit(sum(len(idx) for idx in assignment)), set()
+    while fill:
+        candidate, chosen = _raise(space, assignment, model, (target - relative(assignment)) * dense, cap, excluded)
+        if not chosen:
+            break
+        if relative(candidate) <= target:
+            assignment, batches = candidate, batches + 1
+        elif len(chosen) == 1:
+            excluded.add((chosen[0].choice, chosen[0].slot))
+        else:
+            cap = max(1, len(chosen) // 2)
+    return assignment, batches
+
+
+# ------------------------------------------------------------------------------------- training
+class _SearchState(nn.Module):
+    """The regulariser strength, kept in the model's state so that a resumed search continues exactly."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.register_buffer("log_strength", torch.tensor(math.log(strength)))
+
+
+class SearchHooks(TrainHooks):
+    """The search phase inside the harness trainer.
+
+    * parameter groups: network weights with the recipe's optimizer and learning rate; the logits
+      in their own group (lr ``alpha_lr``, momentum ``alpha_momentum``, no weight decay); PACT clips
+      without weight decay (as upstream);
+    * temperature ``T0 * exp(-anneal_rate * epoch)`` at every epoch start (FBNetV2-style);
+    * loss term ``lambda * cost_soft / cost_ref`` (cost_ref: every slot at its largest precision);
+    * after each step, dual ascent on the budget: ``log lambda += strength_lr * clip(c / budget - 1,
+      -1, 1)`` with ``c`` the expected cost under the current softmax (by the cost model of the budget's
+      metric) -- lambda rises while the network trains over the budget and decays while it is under.
+    """
+
+    def __init__(self, space: SearchSpace, hp: Any, regulariser: CostModel, budget_model: CostModel,
+                 budget_cost: float, state: _SearchState, sgd: bool,
+                 log: Callable[[dict[str, float], int], None]) -> None:
+        self.space, self.hp, self.regulariser, self.budget_model = space, hp, regulariser, budget_model
+        self.budget_cost, self.state, self.sgd, self.log = budget_cost, state, sgd, log
+        top = [torch.full_like(c.hard(), len(c.precisions) - 1) for c in space.choices]
+        self.reference = space.cost(regulariser, top)
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        alphas = [c.alpha for c in self.space.choices]
+        clips = [layer.input_quantizer.clip for layer in self.space.layers.values()]
+        special = {id(p) for p in alphas + clips}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+        alpha_group: dict[str, Any] = {"params": alphas, "lr": self.hp.alpha_lr, "weight_decay": 0.0}
+        if self.sgd:
+            alpha_group["momentum"] = self.hp.alpha_momentum
+        return [{"params": [p for p in rest if p.dim() > 1], "weight_decay": weight_decay},
+                {"params": [p for p in rest if p.dim() <= 1] + clips, "weight_decay": 0.0}, alpha_group]
+
+    def temperature(self, epoch: int) -> float:
+        return self.hp.temperature * math.exp(-self.hp.anneal_rate * epoch)
+
+    @property
+    def strength(self) -> float:
+        return float(self.state.log_strength.exp())
+
+    @torch.no_grad()
+    def budget_ratios(self) -> tuple[float, float]:
+        """(expected cost under the softmax, cost of the argmax assignment) over the budget."""
+        soft = float(self.budget_model.total(self.space.cost_inputs(self.space.soft_probs())))
+        return soft / self.budget_cost, self.space.cost(self.budget_model, self.space.hard_assignment()) / self.budget_cost
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self.space.set_temperature(self.temperature(epoch))
+        soft, hard = self.budget_ratios()
+        self.log({"search/temperature": self.temperature(epoch), "search/strength": self.strength,
+                  "search/soft_cost_over_budget": soft, "search/hard_cost_over_budget": hard}, epoch)
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor:
+        cost = self.regulariser.total(self.space.cost_inputs(self.space.soft_probs()))
+        return self.state.log_strength.exp() * cost / self.reference
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        soft, _ = self.budget_ratios()
+        self.state.log_strength.add_(self.hp.strength_lr * max(-1.0, min(1.0, soft - 1)))
+
+
+# --------------------------------------------------------------------------------------- method
+@torch.no_grad()
+def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
+    """Conv/linear layers whose input takes negative values (the network input): they get a signed PACT."""
+    seen: dict[str, float] = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, float(args[0].min())))
+               for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name for name, low in seen.items() if low < 0}
+
+
+@register_method("cwmpq")
+class CWMPQ(Method):
+    """Joint pruning + channel-wise mixed-precision search (Motetti et al., IEEE TC 2024): per-channel weight bits in {0,2,4,8}, 0 = pruned.
+
+    Per output channel, softmax(alpha / T) mixes symmetric min-max quantized copies of the
+    weights at each precision of ``w_precisions`` (0 bits = zero = pruned channel); per layer
+    input, the same over PACT-quantized activations at ``a_precisions`` (learned clip, init 6;
+    signed, symmetric clip where the input is signed, i.e. the network input). alpha_p starts at
+    p / max(P); T anneals by exp(-``anneal_rate``) per search epoch; evaluation uses the argmax.
+    Channels coupled by the torch-pruning dependency graph (residual partners; a depthwise conv
+    and its producer) share one logit vector; the classifier cannot reach 0 bits; the keep
+    probabilities 1 - theta_0 of a layer's producers shrink its counted input channels.
+
+    Epochs: ``warmup_fraction`` float training, ``search_fraction`` search, the rest fine-tuning
+    at the frozen precisions. Loss: CE + lambda * cost / cost(all at max precision), cost =
+    ``cost_model`` (default: the budget's metric, ``size`` or ``bops``; ``mpic`` = latency on
+    MPIC). How it meets the budget: lambda starts at ``strength`` and after every step moves by
+    ``strength_lr`` in log space towards the budget (up while the argmax assignment's cost, by
+    the cost model of the budget's metric, is over it; down while under); after the search, the
+    slots whose logits least prefer their precision over the next lower one per bit saved are
+    lowered one precision at a time until the harness counter's cost is within the budget.
+
+    Deviations from upstream, all deliberate: BatchNorm is kept (upstream folds it into the conv
+    before the search), so the BN output of a channel is multiplied by its keep probability
+    during the search and masked after it; the weight grid is the narrow symmetric one
+    (+-(2^(b-1)-1) levels; upstream spans 2*max|W| over 2^b - 1 steps and clips the top);
+    activation precision is searched per layer *input* (the harness's a_bits convention;
+    upstream quantizes each producer's output once); the size cost counts 32-bit biases of kept
+    channels (so it equals the harness counter) and the effective input channels carry gradient
+    (upstream detaches them); the weights train with the harness recipe's optimizer (SGD by
+    default) instead of Adam lr 1e-3, and the logits sit in a parameter group of that same
+    optimizer (with SGD: lr 1e-2, momentum 0.9, Nesterov as the recipe's SGD) rather than a
+    separate SGD optimizer; lambda adapts to the budget instead of being a fixed sweep value;
+    no early stopping or best-epoch checkpoint selection.
+    """
+
+    class Hparams(Method.Hparams):
+        w_precisions: tuple[int, ...] = (0, 2, 4, 8)
+        a_precisions: tuple[int, ...] = (2, 4, 8)
+        cost_model: str | None = None
+        strength: float = Field(10.0, gt=0)
+        strength_lr: float = Field(0.05, ge=0)
+        temperature: float = Field(1.0, gt=0)
+        anneal_rate: float = Field(0.045, ge=0)
+        alpha_lr: float = Field(0.01, gt=0)
+        alpha_momentum: float = Field(0.9, ge=0, lt=1)
+        warmup_fraction: float = Field(0.1, ge=0, lt=1)
+        search_fraction: float = Field(0.5, gt=0, le=1)
+        act_clip_init: float = Field(6.0, gt=0)
+        fill_budget: bool = True
+        calibration_batches: int = Field(1, ge=1)
+
+        @field_validator("w_precisions")
+        @classmethod
+        def _weight_bits(cls, bits: tuple[int, ...]) -> tuple[int, ...]:
+            if len(set(bits)) != len(bits) or any(b != 0 and not 2 <= b <= 16 for b in bits):
+                raise ValueError(f"w_precisions must be distinct values in {{0}} U [2, 16], got {bits}")
+            if not any(bits):
+                raise ValueError("w_precisions needs at least one non-zero precision (the classifier cannot be pruned)")
+            return bits
+
+        @field_validator("a_precisions")
+        @classmethod
+        def _activation_bits(cls, bits: tuple[int, ...]) -> tuple[int, ...]:
+            if not bits or len(set(bits)) != len(bits) or any(not 2 <= b <= 16 for b in bits):
+                raise ValueError(f"a_precisions must be distinct values in [2, 16], got {bits}")
+            return bits
+
+        @model_validator(mode="after")
+        def _phases_and_cost_model(self) -> "CWMPQ.Hparams":
+            if self.warmup_fraction + self.search_fraction > 1:
+                raise ValueError("warmup_fraction + search_fraction must be at most 1")
+            if self.cost_model is not None:
+                try:
+                    model = get_cost_model(self.cost_model)
+                except UserError as error:
+                    raise ValueError(f"{error.problem}; {error.fix}") from None
+                model.check(self.w_precisions, self.a_precisions)
+            return self
+
+    def phase_epochs(self, epochs: int) -> tuple[int, int, int]:
+        """(warm-up, search, fine-tune) epochs: fractions of the run's budget, at least one search epoch."""
+        warmup = min(round(epochs * self.hp.warmup_fraction), epochs - 1)
+        search = min(max(1, round(epochs * self.hp.search_fraction)), epochs - warmup)
+        return warmup, search, epochs - warmup - search
+
+    def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
+        warmup, search, finetune = self.phase_epochs(ctx.epochs)
+        ctx.train(model, warmup, phase="warmup")
+        dense = ctx.cost(model)
+        dense_cost = dense.dense_bops if budget.metric == "bops" else dense.dense_weight_bits
+        budget_model = get_cost_model(budget.metric)
+        regulariser = get_cost_model(self.hp.cost_model or budget.metric)
+        batches = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
+        space = SearchSpace(model, ctx.input_shape, self.hp.w_precisions, self.hp.a_precisions,
+                            signed_inputs(model, batches), self.hp.act_clip_init)
+        model.cwmpq_search = _SearchState(self.hp.strength)
+        hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost,
+                            model.cwmpq_search, ctx.recipe.optimizer == "sgd", ctx.log_metrics)
+        ctx.train(model, search, phase="search", hooks=hooks)
+        strength = hooks.strength
+        del model.cwmpq_search
+
+        searched = space.hard_assignment()
+        searched_cost = space.cost(budget_model, searched) / dense_cost
+        assignment, batches = fit_to_budget(space, searched, budget_model,
+                                            lambda a: space.cost(budget_model, a) / dense_cost,
+                                            budget.target, dense_cost, fill=self.hp.fill_budget)
+
+        def counted(candidate: Assignment) -> float:
+            space.apply(candidate)
+            return ctx.cost(model, plan_from_model(model, self.name)).relative(budget.metric)
+
+        assignment, counter_batches = fit_to_budget(space, assignment, budget_model, counted, budget.target,
+                                                    dense_cost, fill=False)
+        ctx.train(model, finetune, phase="finetune")
+        notes = {"strength": strength, "searched_relative_cost": searched_cost, "budget_fit_batches": batches,
+                 "counter_fit_batches": counter_batches, "cost_model": regulariser.name,
+                 "phase_epochs": [warmup, search, finetune]}
+        plan = plan_from_model(model, self.name, notes)
+        space.to_core_modules()
+        return Compressed(model, plan)
