@@ -76,15 +76,6 @@ class Policy:
     masks: tuple[ChannelMasks, ChannelMasks]      # pruned channels of every conv/linear and BN
     plan: CompressionPlan                         # per-channel weight bits (0 = pruned), input bits
 
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per layer: ratio of its group, pruned channels, activation bits, weight-bit histogram."""
-        out: dict[str, dict[str, Any]] = {}
-        for name, layer in self.plan.layers.items():
-            bits = layer.channel_bits()
-            out[name] = {"pruned": len(layer.pruned), "channels": layer.out_channels, "a_bits": layer.a_bits,
-                         "w_bits": {str(b): bits.count(b) for b in sorted(set(bits))}}
-        return out
-
 
 def _static_features(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[tuple[float, ...], float, float]]:
     """Per conv/linear: (raw HAQ/AMC features, dense MACs, #weights) from one forward pass."""
@@ -108,16 +99,15 @@ def _static_features(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
             seen[name] = (features, float(macs), float(module.weight.numel()))
         return record
 
-    probe = model
-    hooks = [m.register_forward_hook(hook(name)) for name, m in probe.named_modules()
+    hooks = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = probe.training
-    probe.eval()
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            probe(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape))
     finally:
-        probe.train(was_training)
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return seen
@@ -128,8 +118,6 @@ class PolicySpace:
 
     Action row of a layer: ``[ratio, a_bits, w_bits_1 .. w_bits_G]``, each in [0, 1].
     """
-
-    N_STATIC = 8
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], groups: ChannelGroups, metric: str,
                  w_bit_choices: Sequence[int], a_bit_choices: Sequence[int], channel_groups: int,
@@ -267,7 +255,7 @@ class BudgetWall:
     """
 
     def __init__(self, space: PolicySpace, relative_cost: RelativeCost, target: float, fill: bool = True,
-                 iterations: int = 10) -> None:
+                 iterations: int = 8) -> None:
         self.space = space
         self.target = target
         self.fill = fill

@@ -136,8 +136,8 @@ class AJPQ(Method):
     """
 
     class Hparams(Method.Hparams):
-        episodes: int = Field(24, ge=1, description="search episodes, warm-up included")
-        warmup_episodes: int = Field(8, ge=0, description="episodes of uniformly random actions before DDPG learns")
+        episodes: int = Field(20, ge=1, description="search episodes, warm-up included")
+        warmup_episodes: int = Field(6, ge=0, description="episodes of uniformly random actions before DDPG learns")
         noise: float = Field(0.5, gt=0, le=1, description="std of the exploration noise after warm-up, in [0, 1] action units")
         noise_decay: float = Field(0.9, gt=0, le=1, description="noise std multiplier per episode after warm-up")
         w_bit_choices: tuple[int, ...] = Field((2, 3, 4, 5, 6, 7, 8), min_length=1)
@@ -145,9 +145,10 @@ class AJPQ(Method):
         channel_groups: int = Field(2, ge=1, description="weight bit widths per layer (importance-ranked channel chunks)")
         max_ratio: float = Field(0.8, ge=0, lt=1, description="largest pruning ratio of a dependency group")
         fill_budget: bool = Field(True, description="the wall also grows under-budget policies up to the budget")
-        calibration_batches: int = Field(4, ge=1, description="training batches for min/max calibration")
-        reward_finetune_steps: int = Field(4, ge=0, description="SGD steps on training batches before each reward")
-        eval_batches: int = Field(4, ge=1, description="held-out (val) batches per reward")
+        calibration_batches: int = Field(8, ge=1, description="training batches calibrating the final model")
+        reward_calibration_batches: int = Field(2, ge=1, description="training batches calibrating each reward's model")
+        reward_finetune_steps: int = Field(2, ge=0, description="SGD steps on training batches before each reward")
+        eval_batches: int = Field(3, ge=1, description="held-out (val) batches per reward")
         agent_lr: float = Field(1e-3, gt=0)
         agent_batch_size: int = Field(64, ge=1)
         tau: float = Field(0.01, gt=0, le=1)
@@ -176,7 +177,7 @@ class AJPQ(Method):
                             hp.w_bit_choices, hp.a_bit_choices, hp.channel_groups, hp.max_ratio)
         wall = BudgetWall(space, lambda plan: ctx.cost(model, plan).relative(budget.metric), budget.target,
                           fill=hp.fill_budget)
-        reward = _HeldOutReward(model, ctx, hp.calibration_batches, hp.reward_finetune_steps, hp.eval_batches)
+        reward = _HeldOutReward(model, ctx, hp.reward_calibration_batches, hp.reward_finetune_steps, hp.eval_batches)
         noise = DecayingNoise(space.action_dim, hp.noise, hp.noise_decay, hp.warmup_episodes, ctx.seed)
 
         def log(episode: Episode, best: Episode) -> None:

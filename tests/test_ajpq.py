@@ -177,7 +177,8 @@ def _random_bundle() -> _SpyBundle:
                       default_model="digits_cnn")
 
 
-SMALL = {"episodes": 3, "warmup_episodes": 1, "reward_finetune_steps": 2, "eval_batches": 2, "calibration_batches": 2}
+SMALL = {"episodes": 3, "warmup_episodes": 1, "reward_finetune_steps": 2, "eval_batches": 2, "calibration_batches": 2,
+         "reward_calibration_batches": 1}
 
 
 def test_reward_reads_only_the_training_set_and_the_run_spends_its_epochs(tmp_path: Path) -> None:
