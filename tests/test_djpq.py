@@ -1,0 +1,201 @@
+"""DJPQ (methods/djpq.py, jpqbench/vib.py): VIB gates prune what they close, the differentiable cost is
+the harness counter at hard gates and falls when gates close or bits drop, the power-of-two variant
+keeps to {2, 4, 8, 16}, and `jpqbench run --method djpq` meets its budget with an honest plan."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DigitsWorkspace
+from jpqbench.cli import main
+from jpqbench.cost import count
+from jpqbench.learned_quant import LearnedQuantizer
+from jpqbench.methods_api import Budget
+from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned
+from jpqbench.registry import METHODS, MODELS
+
+SHAPES = {"digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet8": (3, 16, 16)}
+
+
+def _djpq():
+    """The plugin module (loaded by path by the registry)."""
+    return sys.modules[METHODS.get("djpq").__module__]
+
+
+def _ctx(shape: tuple[int, ...]) -> SimpleNamespace:
+    """The part of RunContext that DJPQ.prepare uses, on random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    return SimpleNamespace(input_shape=shape, cost=lambda model, plan=None: count(model, shape, plan),
+                           calibration_batches=lambda n: (torch.randn(16, *shape, generator=gen) for _ in range(n)))
+
+
+def _prepared(model_name: str, metric: str = "bops", **hparams):
+    """A zoo model with DJPQ's gates and learned quantizers, its hooks, and a batch."""
+    torch.manual_seed(0)
+    shape = SHAPES[model_name]
+    model = MODELS.get(model_name)(10, shape)
+    for module in model.modules():  # non-trivial BN, so a channel that is not masked would show
+        if isinstance(module, nn.BatchNorm2d):
+            module.bias.data.uniform_(0.1, 0.5)
+    method = METHODS.get("djpq")(**hparams)
+    ctx = _ctx(shape)
+    gates, cost = method.prepare(model, Budget(metric, 0.05), ctx)
+    hooks = _djpq().JointHooks(model, gates, cost, 0.05, method.hp)
+    return model, gates, hooks, method.hp, torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def _harden(gates, quantizers, closed: dict[str, list[int]], bits: dict[str, tuple[int, int]]) -> None:
+    """Gates far from the threshold (kept: log alpha = -60, closed: +60) and quantizers frozen at ``bits``."""
+    with torch.no_grad():
+        for name, gate in gates.gates.items():
+            gate.mu.fill_(1.0)
+            gate.log_sigma2.fill_(-60.0)
+            gate.log_sigma2[closed.get(name, [])] = 60.0
+    for name, (weight_q, input_q) in quantizers.items():
+        weight_q.freeze(bits[name][0])
+        input_q.freeze(bits[name][1])
+
+
+def test_gate_above_threshold_zeroes_its_channel_at_eval_and_the_plan_prunes_it() -> None:
+    model, gates, hooks, hp, batch = _prepared("digits_cnn")
+    gate = gates.gates["blocks.0.body.0"]
+    assert gates.hosts["blocks.0.body.0"] == "blocks.0.body.1"  # the gate sits on the conv's own BN
+    with torch.no_grad():
+        gate.log_sigma2[5] = 3.0  # log alpha = 3 - log(mu^2) > threshold 0
+    assert not gate.keep_mask()[5] and gate.keep_mask().sum() == 31
+    seen = {}
+    model.get_submodule("blocks.0.body.1").register_forward_hook(lambda m, a, out: seen.__setitem__("bn", out))
+    model(batch)  # a training forward samples the gate: the channel is noisy, not zero
+    assert seen["bn"][:, 5].abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    assert seen["bn"][:, 5].abs().sum() == 0 and seen["bn"][:, 4].abs().sum() > 0
+
+    _djpq().project_to_budget(model, gates, hooks.cost, target=1.0, hp=hp)
+    plan = plan_from_model(model, "djpq")
+    assert plan.layers["blocks.0.body.0"].pruned == [5]
+    assert all(not layer.pruned for name, layer in plan.layers.items() if name != "blocks.0.body.0")
+    verify_plan(plan, model, batch)
+    model.eval()
+    with torch.no_grad():  # folding the gates into BN / masks is exact
+        assert torch.allclose(model(batch), before, atol=1e-5, rtol=1e-4)
+    assert not any(hasattr(m, "vib_gate") for m in model.modules())
+
+
+@pytest.mark.parametrize("metric", ["bops", "size"])
+@pytest.mark.parametrize("model_name", ["digits_cnn", "ds_cnn", "resnet8"])
+def test_cost_term_at_hard_gates_equals_the_harness_counter(model_name: str, metric: str) -> None:
+    """Residual adds (digits_cnn, resnet8 with a BN-less shortcut) and depthwise convs (ds_cnn)."""
+    model, gates, hooks, hp, batch = _prepared(model_name, metric)
+    gen = torch.Generator().manual_seed(2)
+    closed = {name: torch.nonzero(torch.rand(g.mu.numel(), generator=gen) < 0.4).flatten().tolist()
+              for name, g in gates.gates.items()}
+    bits = {name: tuple(int(b) for b in torch.randint(2, 9, (2,), generator=gen)) for name in hooks.quantizers}
+    _harden(gates, hooks.quantizers, closed, bits)
+    with torch.no_grad():
+        soft = float(hooks.soft_cost(model))
+    same_plan = with_pruned(plan_from_model(model, "djpq"), closed)
+    assert soft == pytest.approx(count(model, SHAPES[model_name], same_plan).relative(metric), rel=1e-5)
+
+    # the projection (nothing to do at target 1) hardens exactly these gates and bits, plus the
+    # channels left without a live input (depthwise channels behind closed ones), which cost nothing
+    _djpq().project_to_budget(model, gates, hooks.cost, target=1.0, hp=hp)
+    plan = plan_from_model(model, "djpq")
+    verify_plan(plan, model, batch)
+    assert {name: (layer.w_bits, layer.a_bits) for name, layer in plan.layers.items()} == bits
+    assert all(set(pruned) <= set(plan.layers[name].pruned) for name, pruned in closed.items())
+    counted = count(model, SHAPES[model_name], plan).relative(metric)
+    if metric == "bops":
+        assert counted == pytest.approx(soft, rel=1e-5)
+    else:  # a dead channel's bias still counted in the plan above
+        assert counted <= soft * (1 + 1e-6)
+
+
+def test_cost_term_falls_when_gates_close_or_bits_drop() -> None:
+    model, gates, hooks, hp, _ = _prepared("ds_cnn")
+    names = list(gates.gates)
+    stem, depthwise = names[0], names[1]
+    assert model.get_submodule(depthwise).groups == 64
+    with torch.no_grad():
+        base = float(hooks.soft_cost(model))
+        gates.gates[names[3]].log_sigma2[:10] += 5.0  # ten gates of a pointwise conv towards closing
+        after_gates = float(hooks.soft_cost(model))
+        hooks.quantizers[names[3]][0].d.mul_(4.0)  # its weights lose two bits
+        after_bits = float(hooks.soft_cost(model))
+    assert base > after_gates > after_bits
+
+    # the input side: closing the stem's channels removes the depthwise conv's work on them,
+    # although the depthwise conv's own gates are open
+    keep = {name: torch.ones(g.mu.numel()) for name, g in gates.gates.items()}
+    dense_terms = hooks.cost.layer_terms(keep)
+    keep[stem][:16] = 0.0
+    pruned_terms = hooks.cost.layer_terms(keep)
+    assert pruned_terms[depthwise][0] == pytest.approx(dense_terms[depthwise][0] * 48 / 64)
+
+
+def test_residual_partner_keeps_a_channel_alive() -> None:
+    """At a residual add an input channel dies only when every producer closed it."""
+    model, gates, hooks, hp, _ = _prepared("digits_cnn")
+    keep = {name: torch.ones(g.mu.numel()) for name, g in gates.gates.items()}
+    consumer = "blocks.1.body.0"  # reads stem.0 + blocks.0.body.3 (identity block)
+    dense = hooks.cost.layer_terms(keep)[consumer][0]
+    keep["blocks.0.body.3"][:8] = 0.0
+    assert hooks.cost.layer_terms(keep)[consumer][0] == pytest.approx(dense)
+    keep["stem.0"][:8] = 0.0
+    assert hooks.cost.layer_terms(keep)[consumer][0] == pytest.approx(dense * 24 / 32)
+
+
+def test_pow2_quantizer_uses_the_nearest_power_of_two_grid() -> None:
+    model, gates, hooks, hp, batch = _prepared("digits_cnn", restrict_pow2=True)
+    weight_q = hooks.quantizers["blocks.0.body.0"][0]
+    with torch.no_grad():  # a learned step worth ~5.3 bits runs on the 4-bit grid (log2 5.3 nearer 2 than 3)
+        weight_q.d.copy_(weight_q.q_m / (2 ** 4.3 - 1))
+    assert float(weight_q.bit_width()) == pytest.approx(4.0)
+    weight = model.get_submodule("blocks.0.body.0").weight
+    assert torch.unique(weight_q(weight)).numel() <= 2 ** 4
+    assert [_djpq().nearest_pow2(b) for b in (2.0, 2.9, 3.0, 5.6, 6.0, 11.0, 12.0, 16.0)] == [2, 4, 4, 4, 8, 8, 16, 16]
+
+
+def test_hyperparameters_are_validated() -> None:
+    from jpqbench.errors import UserError
+
+    with pytest.raises(UserError, match="restrict_pow2"):
+        METHODS.get("djpq")(restrict_pow2=True, min_bits=3)
+    with pytest.raises(UserError, match="min_bits"):
+        METHODS.get("djpq")(min_bits=8, max_bits=4)
+
+
+def _run(ws: DigitsWorkspace, out: Path, method: str, *extra: str) -> dict:
+    argv = ["--config", str(ws.config), "run", "--method", method, "--dataset", "digits", "--seed", "0",
+            "--epochs", "3", "--checkpoint", str(ws.checkpoint), "--out", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("metric,budget", [("bops", 0.03), ("size", 0.12)])
+def test_run_meets_its_budget(digits_workspace: DigitsWorkspace, no_env_tracking_uri, tmp_path: Path,
+                              metric: str, budget: float) -> None:
+    metrics = _run(digits_workspace, tmp_path, "djpq", "--budget", str(budget), "--budget-metric", metric)
+    assert metrics["status"] == "ok" and metrics["target_met"] is True
+    assert metrics[f"relative_{metric}"] <= budget * 1.10
+    plan = CompressionPlan.load(tmp_path / "plan.json")
+    assert plan.notes["projected_cost"] <= budget
+    assert all(2 <= layer.w_bits <= 16 and 2 <= layer.a_bits <= 16 for layer in plan.layers.values())
+
+
+def test_restrict_pow2_run_has_only_power_of_two_bits(digits_workspace: DigitsWorkspace, no_env_tracking_uri,
+                                                      tmp_path: Path) -> None:
+    metrics = _run(digits_workspace, tmp_path, "djpq[restrict_pow2=true]", "--budget", "0.03")
+    assert metrics["target_met"] is True
+    plan = CompressionPlan.load(tmp_path / "plan.json")
+    bits = [b for layer in plan.layers.values() for b in (layer.w_bits, layer.a_bits)]
+    assert set(bits) <= {2, 4, 8, 16}
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
+    assert all(type(q) is LearnedQuantizer and q.frozen for q in saved.modules() if isinstance(q, LearnedQuantizer))
