@@ -121,18 +121,25 @@ class AJPQ(Method):
     episode under ``search/`` in MLflow (reward, counted cost, squeeze, best policy per layer).
 
     There is no official code; every choice below is ours (HAQ/AMC lineage) and a hyperparameter
-    where it can be: one agent whose action vector holds both controllers (the paper has
-    hierarchical agents); ratios in [0, ``max_ratio``] (AMC's 0.8); HAQ's action-to-bit
-    mapping over ``w_bit_choices`` / ``a_bit_choices`` (2..8); the channel controller's widths
-    go to equal importance chunks, largest width to the most important chunk; the wall squeezes
-    all actions together towards the most compressed policy and bisects the squeeze (HAQ lowers
-    bits layer by layer), and ``fill_budget`` also grows under-budget policies (HAQ and AMC only
-    lower: a few dozen episodes cannot learn to spend the budget); sparse reward at the last step with ``gamma`` = 1 instead of HAQ's
-    per-transition reward with a moving-average baseline; sb3's single learning rate (HAQ:
-    actor 1e-4, critic 1e-3). Defaults keep the search to seconds on the embedded grid;
-    paper-scale values (HAQ/AMC): episodes 600, warmup_episodes 20-100, noise 0.5,
-    noise_decay 0.99, reward_finetune_steps ~ one epoch of a training subset, eval_batches
-    ~ 3,000 held-out images, tau 0.01, agent_batch_size 64.
+    where it can be. One agent whose action vector holds both controllers (the paper has
+    hierarchical agents). Ratios in [0, ``max_ratio``] (AMC's 0.8); HAQ's action-to-bit mapping
+    over ``w_bit_choices`` / ``a_bit_choices`` (2..8); weights symmetric per channel, inputs
+    asymmetric per tensor (jpqbench/quant.py). The channel controller's widths go to equal
+    importance chunks, largest width to the most important chunk. The wall squeezes all actions
+    together and bisects the squeeze (HAQ lowers bits layer by layer), and ``fill_budget`` also
+    grows under-budget policies (HAQ and AMC only lower; a few dozen episodes cannot learn to
+    spend the budget). The reward is ``acc - acc_fp32`` (HAQ scales it by 0.1 and subtracts a
+    moving average in the critic update; sb3 has no such baseline), given at the last step
+    with ``gamma`` = 1 (HAQ's discount 1 with the final reward on every transition). sb3 has one
+    learning rate for actor and critic (HAQ: 1e-4 and 1e-3), and its exploration noise is a
+    clipped Gaussian (HAQ: truncated normal). The best policy is the episode with
+    the highest reward (the first on ties), kept fixed while fine-tuning.
+
+    Defaults keep the search to seconds (digits) or tens of seconds (minispeech) on 2 CPU cores.
+    Paper-scale values (HAQ's mit-han-lab/haq defaults): episodes 600, warmup_episodes 20,
+    noise 0.5, noise_decay 0.99, hidden (300, 300), tau 0.01, agent_batch_size 64, the reward
+    after one fine-tuning epoch on 20,000 training images (reward_finetune_steps ~ 80 at batch
+    256) evaluated on 10,000 held-out ones (eval_batches ~ 40).
     """
 
     class Hparams(Method.Hparams):
@@ -153,7 +160,7 @@ class AJPQ(Method):
         agent_batch_size: int = Field(64, ge=1)
         tau: float = Field(0.01, gt=0, le=1)
         gamma: float = Field(1.0, gt=0, le=1)
-        hidden: tuple[int, ...] = Field((400, 300), min_length=1, description="actor and critic hidden layers (HAQ/AMC)")
+        hidden: tuple[int, ...] = Field((300, 300), min_length=1, description="actor and critic hidden layers (HAQ)")
 
         @field_validator("w_bit_choices", "a_bit_choices")
         @classmethod
