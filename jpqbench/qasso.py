@@ -14,7 +14,10 @@ optimizer adds, by optimizer step ``s`` of the run (0-based, :class:`Schedule`):
    average magnitude, cosine similarity of parameter and gradient, first- and second-order
    Taylor, each normalised over all channels, equal weights) and the lowest-scoring alive
    channels -- this period's share of the target -- become *redundant* (at least one channel
-   of every group stays). At every step of the period each group with redundant channels
+   of every group stays). The target is a group sparsity (upstream), or, in budget mode, the
+   fewest channels that, taken by the current scores, bring the counted cost at the current
+   bit widths within the budget (found by bisection each period; the last period takes all
+   that is still needed, so the pruned set meets the budget to within one channel). At every step of the period each group with redundant channels
    gets the angle-based forget step: with ``x`` the clipped values ``sign(w) min(|w|, q_m)^t``
    of its redundant rows and ``g`` their gradient, ``gamma = 1 / (L - t)`` if
    ``cos(x, g) >= 0`` (a linear decay to zero over the period) else
@@ -50,7 +53,9 @@ Choices that differ from upstream (microsoft/geta ``optimizer/geta.py``), each s
 A **budget wall** runs when the bit widths are frozen: if the counted cost (the harness's
 counter, through ``relative_cost``) is above the target, the quantizer with the most bits
 (ties: the first layer) loses one bit until the cost fits. GETA has no budget; the wall only
-corrects the difference between the pruning the plan predicted and the one QASSO chose.
+takes back bits that rose after the last pruning period counted them (or, with a fixed group
+sparsity, what the pruning the method predicted got wrong), so it never goes below ``b_l``
+in budget mode.
 """
 from __future__ import annotations
 
@@ -66,6 +71,10 @@ from jpqbench.layers import compressible_layers, mask_batchnorm
 from jpqbench.learned_quant import LearnedQuantizer, learned_quantizers
 from jpqbench.qadg import PruningGroup
 from jpqbench.train import TrainHooks
+
+RelativeCost = Callable[[nn.Module, "dict[str, list[int]] | None"], float]
+"""``relative_cost(model, pruned)``: the counted relative cost of ``model`` as it is (integer bit
+widths of its quantizers), with its pruned output channels replaced by ``pruned`` when given."""
 
 DEFAULT_SALIENCY = {"magnitude": 0.2, "avg_magnitude": 0.2, "cosine_similarity": 0.2,
                     "taylor_first_order": 0.2, "taylor_second_order": 0.2}
@@ -143,7 +152,7 @@ class BitSchedule:
 
 @dataclass
 class QassoConfig:
-    target_group_sparsity: float
+    target_group_sparsity: float | None  # None: each period's count is derived from the budget
     lr_quant: float
     weight_bits: BitSchedule
     input_bits: BitSchedule | None
@@ -283,21 +292,26 @@ class Qasso(TrainHooks):
     """GETA's QASSO around ``ctx.train`` (see the module docstring).
 
     ``lr_at(step)`` is the weights' learning rate at optimizer step ``step`` (the harness's
-    schedule); ``relative_cost(model)`` and ``target`` drive the budget wall at the freeze.
+    schedule); ``relative_cost`` and ``target`` drive the budget: each period's count when
+    ``config.target_group_sparsity`` is None, and the budget wall at the freeze.
     Call :meth:`attach` before training and :meth:`detach` after it.
     """
 
     def __init__(self, model: nn.Module, groups: list[PruningGroup], schedule: Schedule, config: QassoConfig,
-                 lr_at: Callable[[int], float], relative_cost: Callable[[nn.Module], float] | None = None,
+                 lr_at: Callable[[int], float], relative_cost: RelativeCost | None = None,
                  target: float | None = None) -> None:
+        if config.target_group_sparsity is None and (relative_cost is None or target is None):
+            raise ValueError("without target_group_sparsity QASSO needs relative_cost and target")
         self.groups, self.schedule, self.config = groups, schedule, config
         self.lr_at, self.relative_cost, self.target = lr_at, relative_cost, target
         self.offsets = _offsets(groups)
         self.channels = sum(g.size for g in groups)
-        self.target_count = int(self.channels * min(config.target_group_sparsity, 0.999) + 1e-9)
-        per_period = self.target_count // schedule.pruning_periods
-        self.period_counts = [per_period] * (schedule.pruning_periods - 1)
-        self.period_counts.append(self.target_count - sum(self.period_counts))
+        self.period_counts: list[int] = []
+        if config.target_group_sparsity is not None:
+            target_count = int(self.channels * min(config.target_group_sparsity, 0.999) + 1e-9)
+            per_period = target_count // schedule.pruning_periods
+            self.period_counts = [per_period] * (schedule.pruning_periods - 1)
+            self.period_counts.append(target_count - sum(self.period_counts))
         self.modules = dict(model.named_modules())
         self.layers = compressible_layers(model)
         self._zero_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -341,15 +355,15 @@ class Qasso(TrainHooks):
         w_range = (self.config.weight_bits.low, self.config.weight_bits.upper(self.schedule, step))
         a_range = None if self.config.input_bits is None else \
             (self.config.input_bits.low, self.config.input_bits.upper(self.schedule, step))
-        chosen_d: set[str] = set()
+        if stage != "cooldown":  # partial projection; the forget step below re-chooses d in its groups
+            self._project(w_range, a_range)
         if stage == "joint":
             period, t = self.schedule.pruning_position(step)
             if t == 0:
-                state.redundant.copy_(select_lowest(saliency(model, self.groups, self.config.saliency),
-                                                    self.groups, state.pruned, self.period_counts[period]))
-            chosen_d = self._forget_step(state, t, self.lr_at(step), w_range)
-        if stage != "cooldown":
-            self._project(w_range, a_range, chosen_d)
+                score = saliency(model, self.groups, self.config.saliency)
+                state.redundant.copy_(select_lowest(score, self.groups, state.pruned,
+                                                    self._period_count(model, state, period, score)))
+            self._forget_step(state, t, self.lr_at(step), w_range)
         if stage == "joint" and t == self.schedule.pruning_len - 1:
             self._commit(state)
         self._zero_pruned(state)
@@ -357,17 +371,16 @@ class Qasso(TrainHooks):
             self._freeze(model)
 
     # ---- stage pieces ----------------------------------------------------------------
-    def _project(self, w_range: tuple[int, int], a_range: tuple[int, int] | None, skip: set[str]) -> None:
-        for name, layer in self.layers.items():
+    def _project(self, w_range: tuple[int, int], a_range: tuple[int, int] | None) -> None:
+        for layer in self.layers.values():
             wq, aq = layer.weight_quantizer, layer.input_quantizer
-            if isinstance(wq, LearnedQuantizer) and name not in skip and not wq.frozen:
+            if isinstance(wq, LearnedQuantizer) and not wq.frozen:
                 wq.project(*w_range)
             if a_range is not None and isinstance(aq, LearnedQuantizer) and not aq.frozen:
                 aq.project(*a_range)
 
-    def _forget_step(self, state: QassoState, t: int, lr: float, w_range: tuple[int, int]) -> set[str]:
-        """The joint stage's step on every group with redundant channels; returns the layers whose d it set."""
-        chosen: set[str] = set()
+    def _forget_step(self, state: QassoState, t: int, lr: float, w_range: tuple[int, int]) -> None:
+        """The joint stage's step on every group with redundant channels (sets d of their quantized layers)."""
         remaining = self.schedule.pruning_len - t
         eta, zeta = self.config.eta, self.config.zeta
         for group, offset in zip(self.groups, self.offsets):
@@ -420,7 +433,6 @@ class Qasso(TrainHooks):
                     steps = {name: min(max(d, low), high) for name, (low, high) in bounds.items()}
                 for name, step in steps.items():
                     quantized[name].d.fill_(step)
-                chosen.update(quantized)
             for name, rows in parts:
                 module = self.modules[name]
                 quantizer = quantized.get(name)
@@ -430,7 +442,29 @@ class Qasso(TrainHooks):
                     module.weight[rows] *= 1 - gamma
                 if module.bias is not None:
                     module.bias[rows] *= 1 - gamma
-        return chosen
+
+    def _period_count(self, model: nn.Module, state: QassoState, period: int, score: torch.Tensor) -> int:
+        """How many channels this period marks redundant: the fixed share of the target, or (budget
+        mode) the share of the fewest further channels that, chosen by the current scores, bring the
+        counted cost at the current bit widths within the target; the last period takes all of it."""
+        if self.period_counts:
+            return self.period_counts[period]
+
+        def fits(count: int) -> bool:
+            chosen = state.pruned | select_lowest(score, self.groups, state.pruned, count)
+            return self.relative_cost(model, pruned_rows(self.groups, chosen)[0]) <= self.target
+
+        alive = [g.size - int(state.pruned[o:o + g.size].sum()) for g, o in zip(self.groups, self.offsets)]
+        low, high = -1, sum(a - 1 for a in alive)  # at most: all but one channel of every group
+        if fits(0):
+            high = 0
+        while high - low > 1:  # invariant: fits(high) (or high is the most that can go), not fits(low)
+            mid = (low + high) // 2
+            if fits(mid):
+                high = mid
+            else:
+                low = mid
+        return math.ceil(high / (self.schedule.pruning_periods - period))
 
     def _commit(self, state: QassoState) -> None:
         """Redundant channels of the period become pruned: zero and masked from now on."""
@@ -460,11 +494,11 @@ class Qasso(TrainHooks):
             quantizer.freeze()
         if self.relative_cost is None or self.target is None:
             return
-        while self.relative_cost(model) > self.target:
+        while self.relative_cost(model, None) > self.target:
             widest = max(quantizers, key=lambda q: int(q.frozen_bits))
             if int(widest.frozen_bits) <= 2:
                 raise UserError(f"GETA cannot reach the budget {self.target}: every quantizer is at 2 bits and "
-                                f"the pruned model still costs {self.relative_cost(model):.4f}",
+                                f"the pruned model still costs {self.relative_cost(model, None):.4f}",
                                 "raise target_group_sparsity or the budget")
             widest.freeze(int(widest.frozen_bits) - 1)
 

@@ -39,17 +39,18 @@ class Geta(Method):
     bit widths. Stage lengths are fractions of the run's optimizer steps (upstream's VGG7
     tutorial: projection over the first 20 %, pruning over the next 20 %, 5 periods each).
 
-    How it meets the budget: the bit range's upper end ``b_u`` and the target group sparsity
-    are derived before training with the harness's counter. The pruned set is predicted with
-    QASSO's own saliency score on the start model (gradients of ``calibration_batches``
-    training batches); for each ``b_u`` from ``max_final_bit`` down to ``min_bit_wt`` the
-    smallest predicted pruning whose plan (all layers at ``b_u`` bits, activations at ``b_u``
-    in ``weight_activation`` mode, else 32) is within the target is found by bisection, and
-    the largest ``b_u`` whose sparsity is at most ``max_group_sparsity`` wins (if none is, the
-    ``b_u`` that needs the least pruning). Bit widths end in ``[b_l, b_u]``, so the planned cost
-    is an upper bound up to the prediction of the pruned set; a budget wall at the freeze removes bits (widest quantizer first) if QASSO's
-    choice of groups costs more than the prediction. ``target_group_sparsity`` fixes the
-    sparsity (then only ``b_u`` is derived).
+    How it meets the budget (the harness's counter throughout): before training, the bit
+    range's upper end ``b_u`` is chosen. The pruned set is predicted with QASSO's own saliency
+    score on the start model (gradients of ``calibration_batches`` training batches); for each
+    ``b_u`` from ``max_final_bit`` down to ``min_bit_wt`` the smallest predicted pruning whose
+    plan (all layers at ``b_u`` bits, activations at ``b_u`` in ``weight_activation`` mode,
+    else 32) is within the target is found by bisection, and the largest ``b_u`` whose group
+    sparsity is at most ``max_group_sparsity`` wins (if none is, the ``b_u`` that needs the
+    least pruning). During training the group sparsity is then re-derived at each pruning
+    period from the budget, the current scores and the current integer bit widths (the last
+    period takes exactly what is still needed), and a budget wall at the freeze takes back bits
+    that rose after that (widest quantizer first). ``target_group_sparsity`` fixes the sparsity
+    instead, as upstream (then only ``b_u`` is derived, at that sparsity).
 
     Simplifications (see jpqbench/qasso.py for the full list): per-tensor quantizers as
     upstream; the harness's optimizer (SGD with momentum or Adam, cosine schedule) takes the
@@ -111,7 +112,7 @@ class Geta(Method):
         schedule = Schedule.from_fractions(total, hp.warmup_fraction, hp.projection_fraction, hp.pruning_fraction,
                                            hp.projection_periods, hp.pruning_periods)
         config = QassoConfig(
-            target_group_sparsity=count / channels if channels else 0.0, lr_quant=hp.lr_quant,
+            target_group_sparsity=hp.target_group_sparsity, lr_quant=hp.lr_quant,
             weight_bits=BitSchedule(hp.min_bit_wt, hp.max_bit_wt, bits, hp.bit_reduction),
             input_bits=BitSchedule(min(hp.min_bit_act, bits), hp.max_bit_act, bits, hp.bit_reduction)
             if activations else None,
@@ -119,7 +120,7 @@ class Geta(Method):
         base_lr = ctx.recipe.finetune_lr
         hooks = Qasso(model, groups, schedule, config,
                       lr_at=lambda step: base_lr * 0.5 * (1 + math.cos(math.pi * step / total)),
-                      relative_cost=lambda m: ctx.cost(m, plan_from_model(m, self.name)).relative(budget.metric),
+                      relative_cost=lambda m, rows: _relative_cost(ctx, m, rows, budget.metric),
                       target=budget.target)
         hooks.attach(model)
         ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=base_lr)
@@ -185,6 +186,12 @@ class Geta(Method):
                             f"{hp.min_bit_wt} bits still costs {cost(max_count, hp.min_bit_wt):.4f}",
                             "choose a larger budget, lower min_bit_wt, or mode=weight_activation")
         return min(options, key=lambda option: option[0])  # beyond max_group_sparsity: prune as little as possible
+
+
+def _relative_cost(ctx: RunContext, model: nn.Module, pruned: dict[str, list[int]] | None, metric: str) -> float:
+    """The counted cost of ``model`` as it is, its pruned channels replaced by ``pruned`` if given."""
+    plan = plan_from_model(model, "geta")
+    return ctx.cost(model, plan if pruned is None else with_pruned(plan, pruned)).relative(metric)
 
 
 def _start_saliency(model: nn.Module, groups: list[PruningGroup], ctx: RunContext, n_batches: int,

@@ -261,6 +261,21 @@ def test_same_seed_same_compressed_model(tmp_path: Path) -> None:
     assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
 
 
+def test_budget_mode_prunes_just_enough(tmp_path: Path) -> None:
+    """Without a fixed group sparsity, the last pruning period takes exactly what the budget still
+    needs at the current bit widths: with the bit range pinned at 4 bits the pruned model lands
+    within one channel's cost under the target, not far below it."""
+    torch.manual_seed(0)
+    model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+    ctx = _tiny_ctx(tmp_path, epochs=3, n=128)
+    compressed = get_method("geta")(min_bit_wt=4, max_final_bit=4).compress(model, Budget("bops", 0.05), ctx)
+    plan = compressed.plan
+    assert {layer.w_bits for layer in plan.layers.values()} == {4}
+    cost = ctx.cost(compressed.model, plan).relative_bops
+    assert 0.05 * 0.9 < cost <= 0.05
+    assert 0 < plan.notes["group_sparsity"] < 1
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """QASSO's state (redundant and pruned channels, frozen bits, masks) is in the checkpoint: a run
     stopped after epoch 2 -- in the middle of its pruning period -- continues exactly where it was."""
