@@ -5,6 +5,7 @@ Training and Compression", CVPR 2025 (arXiv 2502.16638); code microsoft/geta.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -96,13 +97,16 @@ class Geta(Method):
     def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
         hp = self.hp
         activations = hp.mode == "weight_activation"
+        # costs depend on shapes and the plan only: count them on a plain copy, which is cheaper to
+        # copy (no quantizers, hooks or gradients) in the counter's probe
+        skeleton = copy.deepcopy(model)
         install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
                                    init_bits=16, weight_ste_clip=hp.weight_ste_clip)
         if activations:
             calibrate_inputs(model, ctx.calibration_batches(hp.calibration_batches))
         groups = build_groups(model, ctx.input_shape)
         score = _start_saliency(model, groups, ctx, hp.calibration_batches, hp.saliency)
-        count, bits = self._derive(model, groups, score, budget, ctx)
+        count, bits = self._derive(skeleton, groups, score, budget, ctx)
         channels = sum(g.size for g in groups)
 
         steps_per_epoch = math.ceil(len(ctx.data.train) / ctx.recipe.batch_size)
@@ -120,7 +124,7 @@ class Geta(Method):
         base_lr = ctx.recipe.finetune_lr
         hooks = Qasso(model, groups, schedule, config,
                       lr_at=lambda step: base_lr * 0.5 * (1 + math.cos(math.pi * step / total)),
-                      relative_cost=lambda m, rows: _relative_cost(ctx, m, rows, budget.metric),
+                      relative_cost=lambda m, rows: _relative_cost(ctx, skeleton, m, rows, budget.metric),
                       target=budget.target)
         hooks.attach(model)
         ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=base_lr)
@@ -134,11 +138,14 @@ class Geta(Method):
             notes["bit_range_a"] = [config.input_bits.low, bits]
         return Compressed(model, plan_from_model(model, self.name, notes))
 
-    def _derive(self, model: nn.Module, groups: list[PruningGroup], score: torch.Tensor, budget: Budget,
+    def _derive(self, skeleton: nn.Module, groups: list[PruningGroup], score: torch.Tensor, budget: Budget,
                 ctx: RunContext) -> tuple[int, int]:
-        """(number of channels to prune, upper bit width b_u) from the budget; see the class docstring."""
+        """(number of channels to prune, upper bit width b_u) from the budget; see the class docstring.
+
+        ``skeleton`` is a plain copy of the model (same layer names and shapes) to count costs on.
+        """
         hp = self.hp
-        dense = CompressionPlan.dense(model)
+        dense = CompressionPlan.dense(skeleton)
         channels = sum(g.size for g in groups)
         max_count = channels - len(groups)  # one channel of every group survives
         excluded = torch.zeros(channels, dtype=torch.bool)
@@ -146,7 +153,7 @@ class Geta(Method):
         def cost(count: int, bits: int) -> float:
             layers, _ = pruned_rows(groups, select_lowest(score, groups, excluded, count))
             a_bits = bits if hp.mode == "weight_activation" else FLOAT_BITS
-            return ctx.cost(model, with_uniform_bits(with_pruned(dense, layers), bits, a_bits)).relative(budget.metric)
+            return ctx.cost(skeleton, with_uniform_bits(with_pruned(dense, layers), bits, a_bits)).relative(budget.metric)
 
         def smallest_count(bits: int) -> int | None:
             if cost(max_count, bits) > budget.target:
@@ -173,25 +180,25 @@ class Geta(Method):
             raise UserError(f"GETA cannot reach budget {budget.target} at group sparsity {hp.target_group_sparsity} "
                             f"with {hp.min_bit_wt}-bit weights", "raise target_group_sparsity, lower min_bit_wt, "
                             "or leave target_group_sparsity unset to derive it from the budget")
-        options = []  # (count, bits) that meet the budget
-        for bits in candidates:
-            count = smallest_count(bits)
-            if count is None:
-                continue
-            if count <= hp.max_group_sparsity * channels:
-                return count, bits
-            options.append((count, bits))
-        if not options:
+        preferred = min(int(hp.max_group_sparsity * channels), max_count)
+        for bits in candidates:  # the widest b_u at which max_group_sparsity suffices
+            if cost(preferred, bits) <= budget.target:
+                return smallest_count(bits), bits
+        # none: the narrowest b_u, which needs the least pruning (fewer bits never need more)
+        count = smallest_count(hp.min_bit_wt)
+        if count is None:
             raise UserError(f"GETA cannot reach budget {budget.target}: pruning all but one channel per group at "
                             f"{hp.min_bit_wt} bits still costs {cost(max_count, hp.min_bit_wt):.4f}",
                             "choose a larger budget, lower min_bit_wt, or mode=weight_activation")
-        return min(options, key=lambda option: option[0])  # beyond max_group_sparsity: prune as little as possible
+        return count, hp.min_bit_wt
 
 
-def _relative_cost(ctx: RunContext, model: nn.Module, pruned: dict[str, list[int]] | None, metric: str) -> float:
-    """The counted cost of ``model`` as it is, its pruned channels replaced by ``pruned`` if given."""
+def _relative_cost(ctx: RunContext, skeleton: nn.Module, model: nn.Module, pruned: dict[str, list[int]] | None,
+                   metric: str) -> float:
+    """The counted cost of ``model`` as it is, its pruned channels replaced by ``pruned`` if given
+    (counted on ``skeleton``, a plain copy with the same layers and shapes)."""
     plan = plan_from_model(model, "geta")
-    return ctx.cost(model, plan if pruned is None else with_pruned(plan, pruned)).relative(metric)
+    return ctx.cost(skeleton, plan if pruned is None else with_pruned(plan, pruned)).relative(metric)
 
 
 def _start_saliency(model: nn.Module, groups: list[PruningGroup], ctx: RunContext, n_batches: int,
