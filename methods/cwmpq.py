@@ -9,7 +9,8 @@ eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom
 2. the search space: one logit vector per output channel of every dependency group
    (torch-pruning: residual partners and depthwise convs share it), one per layer input;
 3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength driven
-   towards the budget, and a final walk that lowers precisions until the harness counter agrees;
+   towards the budget by dual ascent, and a final projection of the argmax assignment onto the
+   budget (lower precisions until within it, then fill it) checked with the harness counter;
 4. the method: float warm-up -> search -> fine-tune with frozen precisions.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from pydantic import Field, field_validator, model_validator
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from jpqbench.errors import UserError
 from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
@@ -253,7 +255,7 @@ class SearchSpace:
         self.weight_slot: dict[str, tuple[int, torch.Tensor]] = {}
         self.inputs: dict[str, list[tuple[int, list[int], torch.Tensor]]] = {name: [] for name in self.layers}
         self.norms: dict[str, tuple[int, torch.Tensor]] = {}
-        self.gated: dict[str, Any] = {}  # module name -> hook handle of its search-time gate
+        self.gated: dict[str, RemovableHandle] = {}  # module name -> hook of its search-time gate
         for group in dependency_groups(model, input_shape):
             index = len(self.w_choices)
             self.w_choices.append(PrecisionChoice(w_precisions, group.size))
@@ -344,7 +346,8 @@ class SearchSpace:
             layer.out_mask.copy_(torch.tensor(layer.weight_quantizer.bits) != 0)
         for name, (index, slot) in self.norms.items():
             choice = self.w_choices[index]
-            mask_batchnorm(modules[name], (choice.hard()[slot] != choice.zero_index).float())
+            if choice.zero_index is not None:
+                mask_batchnorm(modules[name], (choice.hard()[slot] != choice.zero_index).float())
 
     @torch.no_grad()
     def to_core_modules(self) -> None:
@@ -586,14 +589,19 @@ class CWMPQ(Method):
     and its producer) share one logit vector; the classifier cannot reach 0 bits; the keep
     probabilities 1 - theta_0 of a layer's producers shrink its counted input channels.
 
-    Epochs: ``warmup_fraction`` float training, ``search_fraction`` search, the rest fine-tuning
-    at the frozen precisions. Loss: CE + lambda * cost / cost(all at max precision), cost =
-    ``cost_model`` (default: the budget's metric, ``size`` or ``bops``; ``mpic`` = latency on
-    MPIC). How it meets the budget: lambda starts at ``strength`` and after every step moves by
-    ``strength_lr`` in log space towards the budget (up while the argmax assignment's cost, by
-    the cost model of the budget's metric, is over it; down while under); after the search, the
-    slots whose logits least prefer their precision over the next lower one per bit saved are
-    lowered one precision at a time until the harness counter's cost is within the budget.
+    Epochs: ``warmup_fraction`` float training, ``search_fraction`` search (weights, clips and
+    logits), the rest fine-tuning at the frozen precisions. Loss: CE + lambda * cost / cost(all at
+    max precision), cost = ``cost_model`` (default: the budget's metric, ``size`` or ``bops``;
+    ``mpic`` = latency on MPIC; more in cost_models/). How it meets the budget: (1) lambda starts
+    at ``strength`` and after every step moves by ``strength_lr`` in log space (dual ascent): up
+    while the expected cost under the softmax -- by the cost model of the budget's metric -- is
+    over the budget, down while under; (2) the argmax assignment is then projected onto the
+    budget: precisions are lowered one step at a time, the moves the logits mind least per unit
+    of cost first, until the cost is within the budget; then (``fill_budget``) kept channels and
+    layer inputs are raised the same way while it stays within (pruning is never undone; a group
+    the search pruned entirely gets its most reluctant channel back); (3) the harness counter
+    checks the result and lowers further if it disagreed (it never has: the size and bops cost
+    models equal it at hard assignments). The precisions are frozen for the fine-tuning.
 
     Deviations from upstream, all deliberate: BatchNorm is kept (upstream folds it into the conv
     before the search), so the BN output of a channel is multiplied by its keep probability
@@ -605,8 +613,10 @@ class CWMPQ(Method):
     (upstream detaches them); the weights train with the harness recipe's optimizer (SGD by
     default) instead of Adam lr 1e-3, and the logits sit in a parameter group of that same
     optimizer (with SGD: lr 1e-2, momentum 0.9, Nesterov as the recipe's SGD) rather than a
-    separate SGD optimizer; lambda adapts to the budget instead of being a fixed sweep value;
-    no early stopping or best-epoch checkpoint selection.
+    separate SGD optimizer; lambda adapts to the budget and the result is projected onto it
+    (upstream sweeps a fixed lambda and takes the cost it lands on); no early stopping or
+    best-epoch checkpoint selection. The returned model holds the quantized weights and
+    equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
     """
 
     class Hparams(Method.Hparams):
@@ -666,9 +676,9 @@ class CWMPQ(Method):
         dense_cost = dense.dense_bops if budget.metric == "bops" else dense.dense_weight_bits
         budget_model = get_cost_model(budget.metric)
         regulariser = get_cost_model(self.hp.cost_model or budget.metric)
-        batches = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
+        calibration = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
         space = SearchSpace(model, ctx.input_shape, self.hp.w_precisions, self.hp.a_precisions,
-                            signed_inputs(model, batches), self.hp.act_clip_init)
+                            signed_inputs(model, calibration), self.hp.act_clip_init)
         model.cwmpq_search = _SearchState(self.hp.strength)
         hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost,
                             model.cwmpq_search, ctx.recipe.optimizer == "sgd", ctx.log_metrics)
