@@ -270,7 +270,8 @@ class SearchSpace:
             if 0 in w_precisions:
                 fed = set(group.norm_inputs.values())
                 for name in group.norms:
-                    self._gate(modules[name], ChannelGate(self.w_choices[index], self.norms[name][1]), _gate_output, name)
+                    gate = ChannelGate(self.w_choices[index], self.norms[name][1])
+                    self._gate(modules[name], gate, _gate_output, name)
                 for name in group.producers:
                     if name not in fed and self.layers[name].bias is not None:
                         self._gate(self.layers[name], ChannelGate(self.w_choices[index], self.weight_slot[name][1]),
@@ -540,7 +541,8 @@ class SearchHooks(TrainHooks):
     def budget_ratios(self) -> tuple[float, float]:
         """(expected cost under the softmax, cost of the argmax assignment) over the budget."""
         soft = float(self.budget_model.total(self.space.cost_inputs(self.space.soft_probs())))
-        return soft / self.budget_cost, self.space.cost(self.budget_model, self.space.hard_assignment()) / self.budget_cost
+        hard = self.space.cost(self.budget_model, self.space.hard_assignment())
+        return soft / self.budget_cost, hard / self.budget_cost
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         self.space.set_temperature(self.temperature(epoch))
@@ -578,7 +580,7 @@ def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
 
 @register_method("cwmpq")
 class CWMPQ(Method):
-    """Joint pruning + channel-wise mixed-precision search (Motetti et al., IEEE TC 2024): per-channel weight bits in {0,2,4,8}, 0 = pruned.
+    """Joint pruning + channel-wise mixed precision (Motetti et al., TC 2024): per-channel weight bits {0,2,4,8}, 0 = pruned.
 
     Per output channel, softmax(alpha / T) mixes symmetric min-max quantized copies of the
     weights at each precision of ``w_precisions`` (0 bits = zero = pruned channel); per layer

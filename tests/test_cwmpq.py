@@ -103,7 +103,8 @@ def test_coupled_layers_always_agree(model_name: str, input_shape: tuple[int, ..
     space.apply(space.hard_assignment())
     plan = plan_from_model(model, "cwmpq")
     for group in groups:
-        pruned = [sorted(idxs.index(c) for c in plan.layers[name].pruned) for name, (idxs, _) in group.producers.items()]
+        pruned = [sorted(idxs.index(c) for c in plan.layers[name].pruned)
+                  for name, (idxs, _) in group.producers.items()]
         assert all(p == pruned[0] for p in pruned)
     verify_plan(plan, model, batch)
 
@@ -151,7 +152,8 @@ def test_in_eval_mode_each_channel_is_quantized_at_one_precision() -> None:
 
 
 @pytest.mark.parametrize("model_name, input_shape", MODELS_UNDER_TEST)
-def test_size_regulariser_at_hard_assignments_is_the_harness_count(model_name: str, input_shape: tuple[int, ...]) -> None:
+def test_size_regulariser_at_hard_assignments_is_the_harness_count(model_name: str,
+                                                                   input_shape: tuple[int, ...]) -> None:
     model, space, _ = _space(model_name, input_shape)
     _randomise(space)
     model.eval()  # the regulariser's own code path, at one-hot probabilities

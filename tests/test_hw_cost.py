@@ -60,7 +60,8 @@ def test_size_and_bops_equal_the_counter_at_hard_assignments(model_name: str, in
     assert float(get_cost_model("bops").total(layers)) == report.bops
 
 
-def _conv_input(w_probs: torch.Tensor, a_probs: torch.Tensor, in_alive: torch.Tensor, groups: int = 1) -> LayerCostInput:
+def _conv_input(w_probs: torch.Tensor, a_probs: torch.Tensor, in_alive: torch.Tensor,
+                groups: int = 1) -> LayerCostInput:
     shape = LayerShape("conv", in_channels=4, out_channels=w_probs.shape[1], groups=groups, kernel_area=9,
                        in_pixels=36, out_pixels=25, has_bias=True)
     return LayerCostInput(shape, w_probs, W_BITS, a_probs, A_BITS, in_alive)
