@@ -41,11 +41,11 @@ def quantize_pow2(x: torch.Tensor, bits: int, decimal: torch.Tensor) -> torch.Te
     """
     scale = torch.exp2(decimal)
     limit = 2 ** (bits - 1)
-    scaled = x * scale
-    q = torch.clamp(torch.trunc(scaled), -limit, limit - 1).detach()
-    # the gradient passes where truncation alone lands on the grid (-limit - 1 < x 2^d < limit)
-    inside = (scaled > -limit - 1) & (scaled < limit)
-    return torch.where(inside, scaled + (q - scaled).detach(), q) / scale
+    # clamping to [-limit - 1, limit] first changes no output (truncation then saturates to the
+    # grid anyway) and gives the gradient: 1 where truncation alone lands on the grid, else 0
+    scaled = torch.clamp(x * scale, -limit - 1, limit)
+    q = torch.clamp(torch.trunc(scaled), -limit, limit - 1)
+    return (scaled + (q - scaled).detach()) / scale
 
 
 class Pow2Quantizer(nn.Module):
@@ -76,9 +76,10 @@ class Pow2Quantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Add the squared error of quantizing ``x`` at every candidate ``d`` to the window's sums."""
         flat = self._flat(x)
-        for index, decimal in enumerate(self.candidates):
-            error = flat - quantize_pow2(flat, self.bits, decimal)
-            self.errors[index] += error.double().square().sum(dim=1)
+        limit = 2 ** (self.bits - 1)
+        for index, scale in enumerate(torch.exp2(self.candidates).tolist()):
+            grid = torch.trunc(flat * scale).clamp_(-limit, limit - 1).div_(scale)
+            self.errors[index] += grid.sub_(flat).square_().sum(dim=1, dtype=torch.float64)
 
     @torch.no_grad()
     def switch_on(self) -> None:

@@ -260,3 +260,5 @@ class NonCommutative(Method):
                 raise RuntimeError(f"noncomm: the schedule did not switch the quantizers of {name} on")
             if self.prunes_weights and w.sparsity < self.hp.w_sparsity - 1 / w.mask.numel():
                 raise RuntimeError(f"noncomm: the schedule did not prune {name}'s weights to the target")
+            if a.prunable and a.sparsity < self.hp.a_sparsity - 1 / a.mask.numel():
+                raise RuntimeError(f"noncomm: the schedule did not prune {name}'s inputs to the target")

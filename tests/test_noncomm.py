@@ -22,7 +22,7 @@ from jpqbench.errors import UserError
 from jpqbench.layers import compressible_layers
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, verify_plan, with_uniform_bits
-from jpqbench.qsparse import Pow2Quantizer, quantize_pow2
+from jpqbench.qsparse import ActivationPQ, Pow2Quantizer, quantize_pow2
 from jpqbench.registry import MODELS
 
 SHAPE = (1, 8, 8)
@@ -79,7 +79,8 @@ def _compress(tmp_path: Path, **hparams) -> Traced:
     return Traced(compressed.model, compressed.plan, trace, ctx.data.train.inputs[:32])
 
 
-VARIANTS = {"pq": {"order": "pq"}, "qp": {"order": "qp"}, "q": {"order": "q"}, "pq-weights": {"order": "pq", "acts": False}}
+VARIANTS = {"pq": {"order": "pq"}, "qp": {"order": "qp"}, "q": {"order": "q"},
+            "pq-weights": {"order": "pq", "acts": False}}
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,21 @@ def test_fractional_bits_minimise_squared_error_over_the_window_and_are_chosen_o
     chosen = quantizer.decimal.clone()
     quantizer(torch.randn(6, 50, generator=generator) * 100)
     assert torch.equal(quantizer.decimal, chosen)
+
+
+def test_activation_mask_is_static_from_mean_magnitude_over_the_window_and_nested() -> None:
+    op = ActivationPQ(torch.Size([6]), bits=8, decimals=range(0, 8), prunable=True).train()
+    window = [torch.tensor([[4.0, -1.0, 0.0, 2.0, 3.0, 0.5]]), torch.tensor([[0.0, 1.0, 0.0, 2.0, -3.0, 0.5]])]
+    op.arm(observe_magnitude=True)
+    op(window[0])                       # mean |x| so far: 4, 1, 0, 2, 3, 0.5
+    op.arm(observe_magnitude=True, prune_to=0.5)
+    op(window[1])                       # window mean: 2, 1, 0, 2, 3, 0.5 -> prune entries 2, 5, 1
+    assert op.mask.tolist() == [1, 0, 0, 1, 1, 0]
+    out = op.eval()(torch.ones(3, 6) * 7)
+    assert torch.equal(out, torch.tensor([[7.0, 0, 0, 7, 7, 0]] * 3))  # same positions for every sample
+    op.train().arm(observe_magnitude=True, prune_to=2 / 3)
+    op(torch.tensor([[0.1, 9.0, 9.0, 5.0, 6.0, 9.0]]))  # pruned entries stay pruned however large
+    assert op.mask.tolist() == [0, 0, 0, 1, 1, 0]
 
 
 @pytest.mark.parametrize("hparams", [{"order": "q", "prune_at": (0.5,)}, {"order": "pq", "prune_at": (0.5, 0.95)},
