@@ -58,39 +58,48 @@ _EPS = 1e-12
 
 
 class _LearnedQuantFn(torch.autograd.Function):
-    """Forward Q(x); straight-through for x, analytic gradients for d, q_m and t."""
+    """Forward Q(x); straight-through for x, analytic gradients for d, q_m and t (t > 0)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, d: torch.Tensor, q_m: torch.Tensor, t: torch.Tensor,
                 signed: bool, ste_clip: float | None) -> torch.Tensor:
         range_ = q_m.abs()
-        sign = torch.sign(x) if signed else (x > 0).to(x.dtype)
-        v = torch.minimum(x.abs() if signed else x.clamp_min(0), range_)
-        v_t = torch.where(v > 0, torch.pow(v.clamp_min(_EPS), t), torch.zeros_like(v))
+        magnitude = x.abs() if signed else x.clamp_min(0)
+        v = torch.minimum(magnitude, range_)
+        v_t = v if float(t) == 1.0 else v.pow(t)  # the linear variant skips the power
         u = v_t / d
         levels = torch.round(u)
-        ctx.save_for_backward(x, d, q_m, t, sign, v, v_t, u, levels)
+        out = d * levels
+        if signed:
+            out = out * torch.sign(x)
+        ctx.save_for_backward(x, d, q_m, t, v, v_t, u, levels)
         ctx.signed, ctx.ste_clip = signed, ste_clip
-        return sign * d * levels
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, d, q_m, t, sign, v, v_t, u, levels = ctx.saved_tensors
+        x, d, q_m, t, v, v_t, u, levels = ctx.saved_tensors
+        need_x, need_d, need_qm, need_t = ctx.needs_input_grad[:4]
         range_ = q_m.abs()
         magnitude = x.abs() if ctx.signed else x
-        clip = range_ if ctx.ste_clip is None else torch.as_tensor(ctx.ste_clip, dtype=x.dtype, device=x.device)
-        passes = magnitude <= clip
-        if not ctx.signed:
-            passes = passes & (x >= 0)
-        grad_x = grad * passes.to(grad.dtype)
-        signed_grad = grad * sign
-        grad_d = (signed_grad * (levels - u)).sum()
-        clipped = magnitude > range_
-        grad_qm = (signed_grad * clipped.to(grad.dtype)).sum() * t * torch.pow(range_.clamp_min(_EPS), t - 1)
-        grad_qm = grad_qm * torch.sign(q_m)
-        log_v = torch.where(v > 0, torch.log(v.clamp_min(_EPS)), torch.zeros_like(v))
-        grad_t = (signed_grad * v_t * log_v).sum()
-        return grad_x, grad_d.reshape(d.shape), grad_qm.reshape(q_m.shape), grad_t.reshape(t.shape), None, None
+        grad_x = grad_d = grad_qm = grad_t = None
+        if need_x:
+            clip = range_ if ctx.ste_clip is None else ctx.ste_clip
+            passes = magnitude <= clip
+            if not ctx.signed:
+                passes = passes & (x >= 0)
+            grad_x = grad * passes
+        # sign(x) for signed inputs; for unsigned ones the entries with x <= 0 have v = 0 and
+        # contribute nothing below except to d, where round(0) - 0 = 0 as well
+        signed_grad = grad * torch.sign(x) if ctx.signed else grad
+        if need_d:
+            grad_d = (signed_grad * (levels - u)).sum().reshape(d.shape)
+        if need_qm:
+            clipped = torch.where(magnitude > range_, signed_grad, 0).sum()
+            grad_qm = (clipped * t * range_.clamp_min(_EPS).pow(t - 1) * torch.sign(q_m)).reshape(q_m.shape)
+        if need_t:
+            grad_t = (signed_grad * torch.xlogy(v_t, v)).sum().reshape(t.shape)
+        return grad_x, grad_d, grad_qm, grad_t, None, None
 
 
 class LearnedQuantizer(nn.Module):
