@@ -9,8 +9,8 @@ reads back, so the workflow and the summary can never disagree about what the gr
 """
 import os
 
-from jpqbench.grid import budget_from_key, grid
-from jpqbench.methods_api import make_method
+from jpqbench.grid import REFERENCE_KEY, budget_from_key, grid
+from jpqbench.methods_api import Budget, make_method
 from jpqbench.config import load_config
 
 # The default grid. `--configfile FILE` replaces it: the jobs are handed one file
@@ -37,15 +37,26 @@ RESULTS = cfg.results_root
 RUNS = f"{RESULTS}/runs"
 TRACKING = f"{RESULTS}/.tracking-ready"
 CHECKPOINT = RESULTS + "/checkpoints/{dataset}/{model}/s{seed}.pt"
-RUN = RUNS + "/{dataset}/{model}/{method}/{budgetkey}/s{seed}"
 GRID = grid(cfg)
+RUN_FILES = ["plan.json", "metrics.json", "model.pt"]  # metrics.json, written last, marks a finished run
+# A compress job runs every budget of one (dataset, model, method, seed) in one process when
+# `batch_budgets` is on (the default grid: process start-up and data loading are paid once),
+# else one budget per job (a cluster, where one run may take hours).
+BUDGET_KEYS = [Budget(cfg.budget_metric, target).key for target in cfg.budgets]
+JOB_BUDGETS = BUDGET_KEYS if cfg.batch_budgets else ["{budgetkey}"]
+JOB = "{dataset}/{model}/{method}/s{seed}" if cfg.batch_budgets else "{dataset}/{model}/{method}/{budgetkey}/s{seed}"
 
 wildcard_constraints:
     dataset=r"[^/]+",
     model=r"[^/]+",
     method=r"[^/]+",
-    budgetkey=r"reference|(?:bops|size)-[^/]+",
+    budgetkey=r"(?:bops|size)-[^/]+",
     seed=r"\d+",
+
+
+def run_files(budget_keys):
+    """The files of the runs of one job: RUN_FILES in the folder of each budget key."""
+    return [f"{RUNS}/{{dataset}}/{{model}}/{{method}}/{key}/s{{seed}}/{name}" for key in budget_keys for name in RUN_FILES]
 
 
 def recipe_of(wildcards):
@@ -54,9 +65,14 @@ def recipe_of(wildcards):
 
 
 def budget_args(wildcards):
-    """`--budget T --budget-metric M`, or nothing for a budget-free method's `reference` folder."""
-    budget = budget_from_key(wildcards.budgetkey)
-    return "" if budget is None else f"--budget {budget.target!r} --budget-metric {budget.metric}"
+    """`--budget T [--budget T ...] --budget-metric M`: the job's budget, or all of them when batched."""
+    budgets = [budget_from_key(key) for key in (BUDGET_KEYS if cfg.batch_budgets else [wildcards.budgetkey])]
+    return " ".join(f"--budget {budget.target!r}" for budget in budgets) + f" --budget-metric {cfg.budget_metric}"
+
+
+def hparams_of(wildcards):
+    """The method's resolved hyperparameters: a param, so changing them re-runs the job."""
+    return make_method(wildcards.method, cfg.method_params).hp.model_dump()
 
 
 rule all:
@@ -110,25 +126,40 @@ rule compress:
         checkpoint=CHECKPOINT,
         tracking=ancient(TRACKING),
     output:
-        plan=f"{RUN}/plan.json",
-        metrics=f"{RUN}/metrics.json",
-        model=f"{RUN}/model.pt",
+        run_files(JOB_BUDGETS),
     params:
         budget=budget_args,
-        out=RUN,
-        # a changed recipe or method hyperparameters re-run the job
         recipe=recipe_of,
-        hparams=lambda wildcards: make_method(wildcards.method, cfg.method_params).hp.model_dump(),
+        hparams=hparams_of,
     log:
-        f"{RESULTS}/logs/compress/{{dataset}}/{{model}}/{{method}}/{{budgetkey}}/s{{seed}}.log",
+        f"{RESULTS}/logs/compress/{JOB}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/compress/{{dataset}}/{{model}}/{{method}}/{{budgetkey}}/s{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/compress/{JOB}.tsv"
     threads: 1
     shell:
         "jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
         "{params.budget} --seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} "
-        "--out {params.out:q} "
         "> {log} 2>&1"
+
+
+# A budget-free method (the fp32 reference): one run per seed, in the `reference` folder.
+rule reference:
+    input:
+        checkpoint=CHECKPOINT,
+        tracking=ancient(TRACKING),
+    output:
+        run_files([REFERENCE_KEY]),
+    params:
+        recipe=recipe_of,
+        hparams=hparams_of,
+    log:
+        f"{RESULTS}/logs/reference/{{dataset}}/{{model}}/{{method}}/s{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reference/{{dataset}}/{{model}}/{{method}}/s{{seed}}.tsv"
+    threads: 1
+    shell:
+        "jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
+        "--seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} > {log} 2>&1"
 
 
 rule aggregate:

@@ -72,7 +72,8 @@ def main() -> int:
     job_wall = sum(jobs.values())
     summary = read_summary(results / "summary.csv")
     table = comparison_table(summary).join(
-        summary.groupby(GROUP_KEYS, dropna=False)[["compute_time_s", "wall_time_s"]].mean()).reset_index()
+        summary.groupby(GROUP_KEYS, dropna=False)[["compute_time_s", "search_time_s", "wall_time_s"]].mean()
+    ).reset_index()
 
     print(f"## Default grid (`config/config.yaml`), commit {commit}\n")
     print(f"Command: `python benchmarks/grid.py --cores {args.cores}` "
@@ -80,10 +81,11 @@ def main() -> int:
           f"available, {len(jobs)} Snakemake jobs with a benchmark file, {len(runs)} compression runs, "
           f"{len(pretrains)} pretrainings.\n")
     startup = job_wall - in_run_wall
-    n_jobs = len(runs) + len(pretrains)
+    n_jobs = len(jobs)
     print("| figure | value |\n|---|---|")
     print(f"| grid wall time | {grid_wall:.0f} s ({grid_wall / 60:.1f} min; bar: 10 min) |")
-    print(f"| training jobs (compress + pretrain) | {n_jobs}, {job_wall:.0f} s of job wall time in all |")
+    print(f"| training jobs (pretrain, reference, compress: all budgets of a method and seed) | {n_jobs}, "
+          f"{job_wall:.0f} s of job wall time in all |")
     print(f"| compute (forward/backward/step) | {compute:.0f} s ({compute / job_wall:.1%} of job time) |")
     print(f"| harness work in a run (data, evaluation, checkpoints, MLflow, counting, checking) | "
           f"{in_run_wall - compute:.0f} s: **in-run overhead {1 - compute / in_run_wall:.1%}** of run wall time |")
@@ -92,7 +94,7 @@ def main() -> int:
     print(f"| grid overhead (cores x wall: adds Snakemake, prepare, aggregate, report) | "
           f"{1 - compute / (args.cores * grid_wall):.1%} |")
     print("\n### Accuracy and cost per method and budget (test top-1 in %, mean and std over seeds)\n")
-    print(table.drop(columns=["dataset", "model", "budget_metric"]).to_markdown(index=False, floatfmt=".4g"))
+    print(table.drop(columns=["budget_metric"]).to_markdown(index=False, floatfmt=".4g"))
     if not args.keep:
         print(f"\n(clone left in {workdir} for inspection)", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
     jpqbench list methods|datasets|models
     jpqbench prepare   --dataset D
     jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
-    jpqbench run       --method M --dataset D [--model M] [--budget 0.05 --budget-metric bops|size] --seed S
+    jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size] --seed S
                        [--epochs N] [--checkpoint CKPT] [--out DIR]
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
@@ -70,30 +70,41 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"pretrained {out}: val top-1 {result['val_top1']:.4f}")
 
 
-def _budget(args: argparse.Namespace):
+def _budgets(args: argparse.Namespace) -> list:
+    """The run's budgets; ``[None]`` for a budget-free method."""
     from jpqbench.methods_api import Budget
 
-    return None if args.budget is None else Budget(args.budget_metric, args.budget)
+    return [Budget(args.budget_metric, target) for target in args.budget] if args.budget else [None]
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     _import_training_stack()
     from jpqbench.grid import GridPoint
-    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, run
+    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, load_data, run, validate_request
 
     config = _config(args)
     model = config.recipe(args.dataset, args.model).model
-    budget = _budget(args)
+    budgets = _budgets(args)
+    if args.out and len(budgets) > 1:
+        raise UserError("--out names one run folder but several --budget values were given",
+                        "drop --out (each budget gets its own folder under results_root/runs) or pass one --budget")
     checkpoint = (Path(args.checkpoint) if args.checkpoint
                   else default_checkpoint(config, args.dataset, model, args.seed))
-    out = (Path(args.out) if args.out
-           else default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, args.seed)))
-    metrics = run(config, RunRequest(args.method, args.dataset, model, args.seed, budget, checkpoint, out,
-                                     args.epochs, pretrain_if_missing=not args.checkpoint))
-    target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
-    print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, budget {target}): top-1 {metrics['top1']:.4f}, "
-          f"relative BOPs {metrics['relative_bops']:.4f}, relative size {metrics['relative_size']:.4f} "
-          f"({metrics['weight_size_kb']:.2f} kB), target met: {metrics['target_met']}\nwrote {out}")
+    requests = [RunRequest(args.method, args.dataset, model, args.seed, budget, checkpoint,
+                           Path(args.out) if args.out else
+                           default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, args.seed)),
+                           args.epochs, pretrain_if_missing=not args.checkpoint) for budget in budgets]
+    for request in requests:
+        validate_request(config, request)
+    data = load_data(config, args.dataset)
+    for request in requests:  # one process for several budgets: start-up and data loading are paid once
+        metrics = run(config, request, data)
+        budget, out = request.budget, request.out
+        target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
+        print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, budget {target}): "
+              f"top-1 {metrics['top1']:.4f}, relative BOPs {metrics['relative_bops']:.4f}, relative size "
+              f"{metrics['relative_size']:.4f} ({metrics['weight_size_kb']:.2f} kB), "
+              f"target met: {metrics['target_met']}\nwrote {out}")
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
@@ -181,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="a registered name or a variant, e.g. 'noncomm[order=pq]'")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", help="model zoo name; needed when the config lists several for the dataset")
-    p.add_argument("--budget", type=float, help="target cost as a fraction of FP32, in (0, 1)")
+    p.add_argument("--budget", type=float, action="append",
+                   help="target cost as a fraction of FP32, in (0, 1); repeat it to run several budgets in turn")
     p.add_argument("--budget-metric", choices=["bops", "size"], default="bops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the config's compression epochs")

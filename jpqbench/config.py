@@ -86,6 +86,8 @@ class BenchConfig(_Strict):
     methods: list[str] = Field(min_length=1)
     datasets: dict[str, DatasetGrid] = Field(min_length=1)
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    batch_budgets: bool = Field(True, description="one workflow job runs every budget of a (method, seed) "
+                                                  "in turn (saves start-up); false: one job per budget")
 
     def benchmarks(self) -> list[tuple[str, str]]:
         """Every (dataset, model) pair of the grid, in config order."""

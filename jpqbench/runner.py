@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import yaml
 from torch import nn
 
 from jpqbench.config import BenchConfig, TrainRecipe
+from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
@@ -145,7 +147,8 @@ class RunRequest:
     pretrain_if_missing: bool = False  # train the FP32 checkpoint first when it does not exist
 
 
-def _validate(config: BenchConfig, request: RunRequest) -> None:
+def validate_request(config: BenchConfig, request: RunRequest) -> None:
+    """Refuse a request that cannot run, before any data is loaded or work is done."""
     config.recipe(request.dataset, request.model)  # the pair must be in the grid
     method_cls = get_method(request.method)
     if method_cls.takes_budget and request.budget is None:
@@ -156,10 +159,14 @@ def _validate(config: BenchConfig, request: RunRequest) -> None:
         raise UserError(f"--epochs must be at least 1, got {request.epochs}", "pass a positive number of epochs")
 
 
-def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
-    """Compress, verify, count, evaluate and record one (method, dataset, budget, seed)."""
-    _validate(config, request)
-    data = load_data(config, request.dataset)
+def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None) -> dict[str, Any]:
+    """Compress, verify, count, evaluate and record one (method, dataset, budget, seed).
+
+    ``data``: the dataset already loaded by the caller (several budgets in one process);
+    loaded here when omitted.
+    """
+    validate_request(config, request)
+    data = data or load_data(config, request.dataset)
     recipe = config.recipe(request.dataset, request.model)
     if request.pretrain_if_missing and not request.checkpoint.exists():
         pretrain(config, request.dataset, request.model, request.seed, request.checkpoint)
@@ -188,12 +195,17 @@ def run(config: BenchConfig, request: RunRequest) -> dict[str, Any]:
         cost = ctx.cost(compressed.model, compressed.plan)
         val = evaluate(compressed.model, data, "val", recipe.batch_size)
         test = evaluate(compressed.model, data, "test", recipe.batch_size)  # the one touch of the test split
+        # ...and a measurement on the same data, selecting nothing: zeros each layer really receives
+        measured = measure_activation_sparsity(compressed.model,
+                                               (x for x, _ in data.loader("test", recipe.batch_size)))
+        tracker.log_metrics({f"measured_activation_sparsity/{name}": value for name, value in measured.items()}, 0)
         achieved = cost.relative(budget.metric) if budget else None
         metrics = {
             "dataset": request.dataset, "model": recipe.model, "method": request.method,
             "budget_metric": budget.metric if budget else None, "budget": budget.target if budget else None,
             "seed": request.seed, "epochs": epochs, "epochs_used": ctx.epochs_used,
             "top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
+            "measured_activation_sparsity": statistics.fmean(measured.values()),
             **cost.to_dict(),
             "achieved": achieved, "target_met": None if budget is None else bool(achieved <= budget.target * 1.10),
             "compute_time_s": sum(r.compute_s for r in ctx.train_results),

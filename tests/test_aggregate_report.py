@@ -187,7 +187,10 @@ def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, t
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
-    assert int(counts["compress"]) == len(points)
+    budgeted = [p for p in points if p.budget is not None]
+    jobs = {(p.dataset, p.model, p.method, p.seed) for p in budgeted} if config.batch_budgets else budgeted
+    assert int(counts["compress"]) == len(jobs)
+    assert int(counts["reference"]) == len(points) - len(budgeted)
     assert int(counts["pretrain"]) == len({(p.dataset, p.model, p.seed) for p in points})
     assert int(counts["prepare"]) == len(config.datasets)
     assert counts["tracking"] == counts["aggregate"] == counts["report"] == "1"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 BUDGET = 0.05
 EPOCHS = 2  # two epochs, so the sequential baselines have one epoch per stage
-RUN_NAME = "digits/prune_then_quantize/bops-0.05/s0"
+RUN_NAME = "digits/digits_cnn/prune_then_quantize/bops-0.05/s0"
 # what may differ between two runs of the same seed: timings and bookkeeping (the commit can move
 # while the test session runs), never a result
 VOLATILE = {"mlflow_run_id", "git_commit"}
@@ -109,6 +109,23 @@ def test_same_seed_same_result(runs: dict[str, Path], digits_workspace: DigitsWo
     state_b = torch.load(second / "model.pt", weights_only=False)["model"].state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_several_budgets_in_one_process_equal_separate_runs(runs: dict[str, Path], digits_workspace: DigitsWorkspace,
+                                                            tmp_path: Path, capsys) -> None:
+    """`--budget A --budget B` runs both in one process, each into its own default folder, and each
+    result equals the run of that budget alone: nothing carries over from one run to the next."""
+    config = write_config(tmp_path / "config.yaml", digits_workspace.root, data_root=digits_workspace.data_root,
+                          results_root=tmp_path / "results")
+    argv = ["--config", str(config), "run", "--method", "qat", "--dataset", "digits", "--seed", "0",
+            "--epochs", str(EPOCHS), "--checkpoint", str(digits_workspace.checkpoint),
+            "--budget", "0.02", "--budget", str(BUDGET)]
+    assert main(argv) == 0, capsys.readouterr().err
+    folder = tmp_path / "results" / "runs" / "digits" / "digits_cnn" / "qat"
+    assert _metrics(folder / "bops-0.02" / "s0")["budget"] == 0.02
+    assert _stable(_metrics(folder / f"bops-{BUDGET}" / "s0")) == _stable(_metrics(runs["qat"]))
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 2
+    assert "--out names one run folder" in capsys.readouterr().err
 
 
 def _kill_after_first_checkpoint(argv: list[str], checkpoint: Path, cwd: Path, timeout: float = 300) -> None:
