@@ -115,8 +115,10 @@ def test_valid_config_passes() -> None:
 def test_repository_configs_are_valid() -> None:
     from jpqbench.config import load_config
 
-    root = Path(registry.PROJECT_ROOT) / "config"
-    for path in sorted(root.glob("*.yaml")):
+    root = Path(registry.PROJECT_ROOT)
+    paths = sorted([*root.glob("config/*.yaml"), *root.glob("benchmarks/*.yaml")])
+    assert len(paths) >= 3
+    for path in paths:
         load_config(path)
 
 
