@@ -199,3 +199,10 @@ def test_restrict_pow2_run_has_only_power_of_two_bits(digits_workspace: DigitsWo
     assert set(bits) <= {2, 4, 8, 16}
     saved = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
     assert all(type(q) is LearnedQuantizer and q.frozen for q in saved.modules() if isinstance(q, LearnedQuantizer))
+
+
+def test_same_seed_same_run(digits_workspace: DigitsWorkspace, no_env_tracking_uri, tmp_path: Path) -> None:
+    first = _run(digits_workspace, tmp_path / "a", "djpq", "--budget", "0.03")
+    second = _run(digits_workspace, tmp_path / "b", "djpq", "--budget", "0.03")
+    assert (tmp_path / "a" / "plan.json").read_text() == (tmp_path / "b" / "plan.json").read_text()
+    assert first["top1"] == second["top1"] and first["relative_bops"] == second["relative_bops"]
