@@ -8,8 +8,8 @@ eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom
    softmax-weighted mixtures over a precision set (0 bits = a zero weight = a pruned channel);
 2. the search space: one logit vector per output channel of every dependency group
    (torch-pruning: residual partners and depthwise convs share it), one per layer input;
-3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength driven
-   towards the budget by dual ascent, and a final projection of the argmax assignment onto the
+3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength
+   proportional to the expected cost's excess over the budget, and a final projection of the argmax assignment onto the
    budget (lower precisions until within it, then fill it) checked with the harness counter;
 4. the method: float warm-up -> search -> fine-tune with frozen precisions.
 """
@@ -382,7 +382,7 @@ class _Move:
 
 
 def _moves(space: SearchSpace, assignment: Assignment, model: CostModel, step: int) -> list[_Move]:
-    """Every one-precision move down (``step=-1``) or up (``step=+1``, never out of 0 bits), best first.
+    """Every one-precision move down (``step=-1``) or up (``step=+1``; from 0 bits: un-pruning), best first.
 
     A move's score is ``alpha[current] - alpha[new]`` per unit of cost it saves (down) or adds (up):
     the moves the search's logits mind least per bit come first. Cost changes are estimated from the
@@ -395,8 +395,7 @@ def _moves(space: SearchSpace, assignment: Assignment, model: CostModel, step: i
     for k, (choice, idx, grad) in enumerate(zip(space.choices, assignment, grads)):
         if grad is None:
             continue
-        zero = -1 if choice.zero_index is None else choice.zero_index
-        movable = idx > 0 if step < 0 else (idx < len(choice.precisions) - 1) & (idx != zero)
+        movable = idx > 0 if step < 0 else idx < len(choice.precisions) - 1
         slots = torch.nonzero(movable).flatten()
         current, new = idx[slots], idx[slots] + step
         delta = (grad[current, slots] - grad[new, slots]) * -step
@@ -459,7 +458,8 @@ def fit_to_budget(space: SearchSpace, assignment: Assignment, model: CostModel,
                   relative: Callable[[Assignment], float], target: float, dense: float,
                   fill: bool = True, max_share: float = 0.05) -> tuple[Assignment, int]:
     """Project an assignment onto the budget: lower precisions until ``relative(a) <= target``, then
-    (``fill``) raise precisions of kept channels and of layer inputs while the cost stays within it.
+    (``fill``) raise precisions -- of channels, pruned ones included, and of layer inputs -- while the
+    cost stays within it.
 
     Moves are taken in batches of at most ``max_share`` of the candidates; a raise batch that the
     exact cost refuses is halved, a single refused move is dropped. Returns the assignment and the
@@ -490,14 +490,6 @@ def fit_to_budget(space: SearchSpace, assignment: Assignment, model: CostModel,
 
 
 # ------------------------------------------------------------------------------------- training
-class _SearchState(nn.Module):
-    """The regulariser strength, kept in the model's state so that a resumed search continues exactly."""
-
-    def __init__(self, strength: float) -> None:
-        super().__init__()
-        self.register_buffer("log_strength", torch.tensor(math.log(strength)))
-
-
 class SearchHooks(TrainHooks):
     """The search phase inside the harness trainer.
 
@@ -505,17 +497,18 @@ class SearchHooks(TrainHooks):
       in their own group (lr ``alpha_lr``, momentum ``alpha_momentum``, no weight decay); PACT clips
       without weight decay (as upstream);
     * temperature ``T0 * exp(-anneal_rate * epoch)`` at every epoch start (FBNetV2-style);
-    * loss term ``lambda * cost_soft / cost_ref`` (cost_ref: every slot at its largest precision);
-    * after each step, dual ascent on the budget: ``log lambda += strength_lr * clip(c / budget - 1,
-      -1, 1)`` with ``c`` the expected cost under the current softmax (by the cost model of the budget's
-      metric) -- lambda rises while the network trains over the budget and decays while it is under.
+    * loss term ``lambda * cost_soft / cost_ref`` (cost_ref: every slot at its largest precision) with
+      ``lambda = strength * max(0, c / budget - 1)``, ``c`` the expected cost under the softmax by the
+      cost model of the budget's metric: the pressure is proportional to the excess over the budget
+      and vanishes at it (a squared hinge when the regulariser is that cost model), so it cannot wind
+      up and push the logits far past the budget the way a strength integrated over steps does.
     """
 
     def __init__(self, space: SearchSpace, hp: Any, regulariser: CostModel, budget_model: CostModel,
-                 budget_cost: float, state: _SearchState, sgd: bool,
-                 log: Callable[[dict[str, float], int], None]) -> None:
+                 budget_cost: float, epochs: int, sgd: bool, log: Callable[[dict[str, float], int], None]) -> None:
         self.space, self.hp, self.regulariser, self.budget_model = space, hp, regulariser, budget_model
-        self.budget_cost, self.state, self.sgd, self.log = budget_cost, state, sgd, log
+        self.budget_cost, self.epochs, self.sgd, self.log = budget_cost, epochs, sgd, log
+        self.ramp = 1.0
         top = [torch.full_like(c.hard(), len(c.precisions) - 1) for c in space.choices]
         self.reference = space.cost(regulariser, top)
 
@@ -533,30 +526,26 @@ class SearchHooks(TrainHooks):
     def temperature(self, epoch: int) -> float:
         return self.hp.temperature * math.exp(-self.hp.anneal_rate * epoch)
 
-    @property
-    def strength(self) -> float:
-        return float(self.state.log_strength.exp())
-
-    @torch.no_grad()
-    def budget_ratios(self) -> tuple[float, float]:
-        """(expected cost under the softmax, cost of the argmax assignment) over the budget."""
-        soft = float(self.budget_model.total(self.space.cost_inputs(self.space.soft_probs())))
-        hard = self.space.cost(self.budget_model, self.space.hard_assignment())
-        return soft / self.budget_cost, hard / self.budget_cost
+    def strength(self, soft_over_budget: float) -> float:
+        return self.ramp * self.hp.strength * max(0.0, soft_over_budget - 1)
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         self.space.set_temperature(self.temperature(epoch))
-        soft, hard = self.budget_ratios()
-        self.log({"search/temperature": self.temperature(epoch), "search/strength": self.strength,
+        if self.hp.strength_ramp:  # upstream's incremental strength: 1 % to 100 % over the first half
+            self.ramp = min(1.0, 0.01 + 0.99 * epoch / max(1, self.epochs // 2))
+        with torch.no_grad():
+            soft = float(self.budget_model.total(self.space.cost_inputs(self.space.soft_probs()))) / self.budget_cost
+        hard = self.space.cost(self.budget_model, self.space.hard_assignment()) / self.budget_cost
+        self.log({"search/temperature": self.temperature(epoch), "search/strength": self.strength(soft),
                   "search/soft_cost_over_budget": soft, "search/hard_cost_over_budget": hard}, epoch)
 
-    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor:
-        cost = self.regulariser.total(self.space.cost_inputs(self.space.soft_probs()))
-        return self.state.log_strength.exp() * cost / self.reference
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        soft, _ = self.budget_ratios()
-        self.state.log_strength.add_(self.hp.strength_lr * max(-1.0, min(1.0, soft - 1)))
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        inputs = self.space.cost_inputs(self.space.soft_probs())
+        soft = float(self.budget_model.total(inputs)) / self.budget_cost
+        if soft <= 1:
+            return None
+        cost = self.regulariser.total(inputs)
+        return self.strength(soft) * cost / self.reference
 
 
 # --------------------------------------------------------------------------------------- method
@@ -594,16 +583,16 @@ class CWMPQ(Method):
     Epochs: ``warmup_fraction`` float training, ``search_fraction`` search (weights, clips and
     logits), the rest fine-tuning at the frozen precisions. Loss: CE + lambda * cost / cost(all at
     max precision), cost = ``cost_model`` (default: the budget's metric, ``size`` or ``bops``;
-    ``mpic`` = latency on MPIC; more in cost_models/). How it meets the budget: (1) lambda starts
-    at ``strength`` and after every step moves by ``strength_lr`` in log space (dual ascent): up
-    while the expected cost under the softmax -- by the cost model of the budget's metric -- is
-    over the budget, down while under; (2) the argmax assignment is then projected onto the
+    ``mpic`` = latency on MPIC; more in cost_models/). How it meets the budget: (1) lambda =
+    ``strength`` x the relative excess of the expected cost under the softmax (by the cost model
+    of the budget's metric) over the budget, 0 within it; (2) the argmax assignment is then projected onto the
     budget: precisions are lowered one step at a time, the moves the logits mind least per unit
-    of cost first, until the cost is within the budget; then (``fill_budget``) kept channels and
-    layer inputs are raised the same way while it stays within (pruning is never undone; a group
-    the search pruned entirely gets its most reluctant channel back); (3) the harness counter
-    checks the result and lowers further if it disagreed (it never has: the size and bops cost
-    models equal it at hard assignments). The precisions are frozen for the fine-tuning.
+    of cost first, until the cost is within the budget; then (``fill_budget``) channels (pruned
+    ones too) and layer inputs are raised the same way while it stays within, so a search that
+    overshot -- all channels of a layer cross to 0 bits together when the soft network does not
+    notice, BN renormalising it -- still spends the budget where the logits object least; (3) the
+    harness counter checks the result and lowers further if it disagreed (it never has: the size
+    and bops cost models equal it at hard assignments). The precisions are frozen for fine-tuning.
 
     Deviations from upstream, all deliberate: BatchNorm is kept (upstream folds it into the conv
     before the search), so the BN output of a channel is multiplied by its keep probability
@@ -615,8 +604,8 @@ class CWMPQ(Method):
     (upstream detaches them); the weights train with the harness recipe's optimizer (SGD by
     default) instead of Adam lr 1e-3, and the logits sit in a parameter group of that same
     optimizer (with SGD: lr 1e-2, momentum 0.9, Nesterov as the recipe's SGD) rather than a
-    separate SGD optimizer; lambda adapts to the budget and the result is projected onto it
-    (upstream sweeps a fixed lambda and takes the cost it lands on); no early stopping or
+    separate SGD optimizer; lambda follows the excess over the budget and the result is projected
+    onto it (upstream sweeps a fixed lambda and takes the cost it lands on); no early stopping or
     best-epoch checkpoint selection. The returned model holds the quantized weights and
     equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
     """
@@ -626,10 +615,10 @@ class CWMPQ(Method):
         a_precisions: tuple[int, ...] = (2, 4, 8)
         cost_model: str | None = None
         strength: float = Field(10.0, gt=0)
-        strength_lr: float = Field(0.05, ge=0)
+        strength_ramp: bool = True
         temperature: float = Field(1.0, gt=0)
         anneal_rate: float = Field(0.045, ge=0)
-        alpha_lr: float = Field(0.01, gt=0)
+        alpha_lr: float = Field(1.0, gt=0)
         alpha_momentum: float = Field(0.9, ge=0, lt=1)
         warmup_fraction: float = Field(0.1, ge=0, lt=1)
         search_fraction: float = Field(0.5, gt=0, le=1)
@@ -681,12 +670,9 @@ class CWMPQ(Method):
         calibration = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
         space = SearchSpace(model, ctx.input_shape, self.hp.w_precisions, self.hp.a_precisions,
                             signed_inputs(model, calibration), self.hp.act_clip_init)
-        model.cwmpq_search = _SearchState(self.hp.strength)
-        hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost,
-                            model.cwmpq_search, ctx.recipe.optimizer == "sgd", ctx.log_metrics)
+        hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost, search,
+                            ctx.recipe.optimizer == "sgd", ctx.log_metrics)
         ctx.train(model, search, phase="search", hooks=hooks)
-        strength = hooks.strength
-        del model.cwmpq_search
 
         searched = space.hard_assignment()
         searched_cost = space.cost(budget_model, searched) / dense_cost
@@ -701,7 +687,7 @@ class CWMPQ(Method):
         assignment, counter_batches = fit_to_budget(space, assignment, budget_model, counted, budget.target,
                                                     dense_cost, fill=False)
         ctx.train(model, finetune, phase="finetune")
-        notes = {"strength": strength, "searched_relative_cost": searched_cost, "budget_fit_batches": batches,
+        notes = {"searched_relative_cost": searched_cost, "budget_fit_batches": batches,
                  "counter_fit_batches": counter_batches, "cost_model": regulariser.name,
                  "phase_epochs": [warmup, search, finetune]}
         plan = plan_from_model(model, self.name, notes)

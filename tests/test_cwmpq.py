@@ -122,7 +122,7 @@ def test_temperature_annealing_follows_the_configured_schedule(temperature: floa
     _randomise(space)
     hp = CWMPQ.Hparams(temperature=temperature, anneal_rate=rate)
     size = get_cost_model("size")
-    hooks = cw.SearchHooks(space, hp, size, size, 1e6, cw._SearchState(1.0), sgd=True, log=lambda m, s: None)
+    hooks = cw.SearchHooks(space, hp, size, size, 1e6, 6, sgd=True, log=lambda m, s: None)
     model.train()
     for epoch in range(6):
         hooks.on_epoch_start(model, epoch)
@@ -181,10 +181,11 @@ def test_budget_projection_lands_within_and_close_to_the_budget() -> None:
         fitted, _ = cw.fit_to_budget(space, start, bops, relative, target, dense)
         assert 0.95 * target <= relative(fitted) <= target
     pruned = [torch.zeros_like(c.hard()) for c in space.choices]  # every group entirely pruned
-    fitted, _ = cw.fit_to_budget(space, pruned, bops, relative, target, dense)
-    assert relative(fitted) <= target
-    for choice, idx in zip(space.choices, fitted):  # pruning is never undone, but no group is cut
+    unfilled, _ = cw.fit_to_budget(space, pruned, bops, relative, target, dense, fill=False)
+    for choice, idx in zip(space.choices, unfilled):  # no group is left cut
         assert choice.zero_index is None or int((idx != choice.zero_index).sum()) == 1
+    filled, _ = cw.fit_to_budget(space, pruned, bops, relative, target, dense)  # pruning undone where it fits
+    assert 0.95 * target <= relative(filled) <= target
     lowered, _ = cw.fit_to_budget(space, top, bops, relative, target, dense, fill=False)
     assert relative(lowered) <= target
     space.apply(lowered)
