@@ -9,8 +9,9 @@ eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom
 2. the search space: one logit vector per output channel of every dependency group
    (torch-pruning: residual partners and depthwise convs share it), one per layer input;
 3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength
-   proportional to the expected cost's excess over the budget, and a final projection of the argmax assignment onto the
-   budget (lower precisions until within it, then fill it) checked with the harness counter;
+   proportional to the expected cost's excess over the budget, and a final projection of the
+   argmax assignment onto the budget (lower precisions until within it, then fill it), checked
+   with the harness counter;
 4. the method: float warm-up -> search -> fine-tune with frozen precisions.
 """
 from __future__ import annotations
@@ -164,8 +165,9 @@ class MixedPrecisionActivation(nn.Module):
 
 
 class ChannelGate(nn.Module):
-    """Keep probability ``1 - theta_0`` of each channel, applied during the search to a BN's output
-    (BN would otherwise normalise the soft pruning of its conv away) or to a BN-less conv's bias."""
+    """Keep probability ``1 - theta_0`` of each channel. During the search it scales a channel's constant
+    term -- the shift of its BN, or the bias of a BN-less conv -- as the weight mixture already scales
+    the rest, so that a channel at 0 bits outputs exactly zero."""
 
     def __init__(self, choice: PrecisionChoice, slot: torch.Tensor) -> None:
         super().__init__()
@@ -176,8 +178,12 @@ class ChannelGate(nn.Module):
         return 1 - self.choice.probs()[self.choice.zero_index, self.slot]
 
 
-def _gate_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    return output * module.cwmpq_gate().view(1, -1, *([1] * (output.dim() - 2)))
+def _gate_norm_shift(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """BN on running statistics is ``scale * x + shift``; keep ``scale * x + keep * shift``."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    scale = scale * module.weight if module.weight is not None else scale
+    shift = -module.running_mean * scale + (module.bias if module.bias is not None else 0.0)
+    return output - ((1 - module.cwmpq_gate()) * shift).view(1, -1, *([1] * (output.dim() - 2)))
 
 
 def _gate_bias(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -245,7 +251,8 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], w_precisions: Sequence[int],
-                 a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float) -> None:
+                 a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float,
+                 signed_bits: Sequence[int] | None = None) -> None:
         make_compressible(model)
         self.model = model
         self.layers = compressible_layers(model)
@@ -271,7 +278,7 @@ class SearchSpace:
                 fed = set(group.norm_inputs.values())
                 for name in group.norms:
                     gate = ChannelGate(self.w_choices[index], self.norms[name][1])
-                    self._gate(modules[name], gate, _gate_output, name)
+                    self._gate(modules[name], gate, _gate_norm_shift, name)
                 for name in group.producers:
                     if name not in fed and self.layers[name].bias is not None:
                         self._gate(self.layers[name], ChannelGate(self.w_choices[index], self.weight_slot[name][1]),
@@ -285,7 +292,8 @@ class SearchSpace:
             if bool((slot < 0).any()):
                 raise ValueError(f"layer {name}: output channels outside its dependency group")
             layer.weight_quantizer = MixedPrecisionWeight(self.w_choices[index], slot)
-        self.a_choices = [PrecisionChoice(a_precisions, 1) for _ in self.layers]
+        self.a_choices = [PrecisionChoice(signed_bits if name in signed_inputs and signed_bits else a_precisions, 1)
+                          for name in self.layers]
         for choice, (name, layer) in zip(self.a_choices, self.layers.items()):
             layer.input_quantizer = MixedPrecisionActivation(choice, name in signed_inputs, clip_init)
 
@@ -300,6 +308,30 @@ class SearchSpace:
     def set_temperature(self, temperature: float) -> None:
         for choice in self.choices:
             choice.temperature.fill_(temperature)
+
+    def batch_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def recalibrate_norms(self, batches: torch.Tensor) -> None:
+        """BN running statistics of the network as the search starts (soft mixtures in place), averaged
+        over ``batches``: the fixed affine the search then runs on (:meth:`freeze_norms`)."""
+        saved = [(bn, bn.momentum) for bn in self.batch_norms()]
+        for bn, _ in saved:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        self.model.train()
+        for batch in batches.split(64):
+            self.model(batch)
+        for bn, momentum in saved:
+            bn.momentum = momentum
+
+    def freeze_norms(self) -> None:
+        """BN on its running statistics: a fixed per-channel affine, the counterpart of upstream folding BN
+        into the conv before the search. Batch statistics would renormalise a softly pruned or quantized
+        group of channels and hide its removal from the loss until the argmax flips."""
+        for bn in self.batch_norms():
+            bn.training = False  # not .eval(): that would recurse into the gate and its choice
 
     # ---- costs
     def cost_inputs(self, probs: Sequence[torch.Tensor]) -> list[LayerCostInput]:
@@ -530,6 +562,7 @@ class SearchHooks(TrainHooks):
         return self.ramp * self.hp.strength * max(0.0, soft_over_budget - 1)
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self.space.freeze_norms()
         self.space.set_temperature(self.temperature(epoch))
         if self.hp.strength_ramp:  # upstream's incremental strength: 1 % to 100 % over the first half
             self.ramp = min(1.0, 0.01 + 0.99 * epoch / max(1, self.epochs // 2))
@@ -541,7 +574,7 @@ class SearchHooks(TrainHooks):
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         inputs = self.space.cost_inputs(self.space.soft_probs())
-        soft = float(self.budget_model.total(inputs)) / self.budget_cost
+        soft = float(self.budget_model.total(inputs).detach()) / self.budget_cost
         if soft <= 1:
             return None
         cost = self.regulariser.total(inputs)
@@ -569,45 +602,51 @@ def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
 
 @register_method("cwmpq")
 class CWMPQ(Method):
-    """Joint pruning + channel-wise mixed precision (Motetti et al., TC 2024): per-channel weight bits {0,2,4,8}, 0 = pruned.
+    """Joint pruning + channel-wise mixed precision (Motetti et al. 2024): per-channel weight bits {0,2,4,8}, 0 = pruned.
 
     Per output channel, softmax(alpha / T) mixes symmetric min-max quantized copies of the
     weights at each precision of ``w_precisions`` (0 bits = zero = pruned channel); per layer
-    input, the same over PACT-quantized activations at ``a_precisions`` (learned clip, init 6;
-    signed, symmetric clip where the input is signed, i.e. the network input). alpha_p starts at
-    p / max(P); T anneals by exp(-``anneal_rate``) per search epoch; evaluation uses the argmax.
-    Channels coupled by the torch-pruning dependency graph (residual partners; a depthwise conv
-    and its producer) share one logit vector; the classifier cannot reach 0 bits; the keep
-    probabilities 1 - theta_0 of a layer's producers shrink its counted input channels.
+    input, the same over PACT-quantized activations at ``a_precisions`` (learned clip, init 6).
+    The network input (a signed layer input) is fixed at ``input_bits`` with a symmetric PACT
+    clip, like upstream's separate input quantizer. alpha_p starts at p / max(P); T anneals by
+    exp(-``anneal_rate``) per search epoch; evaluation uses the argmax. Channels coupled by the
+    torch-pruning dependency graph (residual partners; a depthwise conv and its producer) share
+    one logit vector; the classifier cannot reach 0 bits; the keep probabilities 1 - theta_0 of
+    a layer's producers shrink its counted input channels.
 
     Epochs: ``warmup_fraction`` float training, ``search_fraction`` search (weights, clips and
     logits), the rest fine-tuning at the frozen precisions. Loss: CE + lambda * cost / cost(all at
     max precision), cost = ``cost_model`` (default: the budget's metric, ``size`` or ``bops``;
     ``mpic`` = latency on MPIC; more in cost_models/). How it meets the budget: (1) lambda =
     ``strength`` x the relative excess of the expected cost under the softmax (by the cost model
-    of the budget's metric) over the budget, 0 within it; (2) the argmax assignment is then projected onto the
-    budget: precisions are lowered one step at a time, the moves the logits mind least per unit
-    of cost first, until the cost is within the budget; then (``fill_budget``) channels (pruned
-    ones too) and layer inputs are raised the same way while it stays within, so a search that
-    overshot -- all channels of a layer cross to 0 bits together when the soft network does not
-    notice, BN renormalising it -- still spends the budget where the logits object least; (3) the
-    harness counter checks the result and lowers further if it disagreed (it never has: the size
-    and bops cost models equal it at hard assignments). The precisions are frozen for fine-tuning.
+    of the budget's metric) over the budget, 0 within it, ramped from 1 % to 100 % over the first
+    half of the search (upstream's incremental strength); (2) the argmax assignment is then
+    projected onto the budget: precisions are lowered one step at a time, the moves the logits
+    mind least per unit of cost first, until the cost is within the budget; then
+    (``fill_budget``) channels (pruned ones too) and layer inputs are raised the same way while
+    it stays within, so a search whose argmax overshot -- channels of a group tend to cross to
+    0 bits together -- still spends the budget where the logits object least; (3) the harness
+    counter checks the result and lowers further if it disagreed (it never has: the size and bops
+    cost models equal it at hard assignments). The precisions are frozen for fine-tuning.
 
-    Deviations from upstream, all deliberate: BatchNorm is kept (upstream folds it into the conv
-    before the search), so the BN output of a channel is multiplied by its keep probability
-    during the search and masked after it; the weight grid is the narrow symmetric one
-    (+-(2^(b-1)-1) levels; upstream spans 2*max|W| over 2^b - 1 steps and clips the top);
-    activation precision is searched per layer *input* (the harness's a_bits convention;
-    upstream quantizes each producer's output once); the size cost counts 32-bit biases of kept
-    channels (so it equals the harness counter) and the effective input channels carry gradient
-    (upstream detaches them); the weights train with the harness recipe's optimizer (SGD by
-    default) instead of Adam lr 1e-3, and the logits sit in a parameter group of that same
-    optimizer (with SGD: lr 1e-2, momentum 0.9, Nesterov as the recipe's SGD) rather than a
-    separate SGD optimizer; lambda follows the excess over the budget and the result is projected
-    onto it (upstream sweeps a fixed lambda and takes the cost it lands on); no early stopping or
-    best-epoch checkpoint selection. The returned model holds the quantized weights and
-    equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
+    Deviations from upstream, all deliberate: BatchNorm is not folded into the conv (the harness
+    counts conv/linear layers only); it runs on running statistics recalibrated with the soft
+    mixtures in place and then fixed during the search -- the affine a folded conv applies --
+    with its shift scaled by the channel's keep probability, is masked after the search and
+    trains normally during fine-tuning; the weight grid is the narrow symmetric one
+    (+-(2^(b-1)-1) levels; upstream spans 2*max|W| over 2^b - 1 steps and clips the top); PACT
+    rounds to nearest (upstream floors); activation precision is searched per layer *input* (the
+    harness's a_bits convention; upstream quantizes each producer's output once); the size cost
+    counts 32-bit biases of kept channels (so it equals the harness counter) and the effective
+    input channels carry gradient (upstream detaches them); the weights train with the harness
+    recipe's optimizer (SGD by default) instead of Adam lr 1e-3; the logits sit in a parameter
+    group of that same optimizer (with SGD: momentum 0.9, Nesterov as the recipe) rather than a
+    separate SGD optimizer, at ``alpha_lr`` 1.0 instead of 1e-2, since a harness search is a few
+    hundred steps against upstream's tens of thousands (at 1e-2 the task loss moves a logit by
+    ~1e-3 in a whole search); lambda follows the excess over the budget and the result is
+    projected onto it (upstream sweeps a fixed lambda and takes the cost it lands on); no early
+    stopping or best-epoch checkpoint selection. The returned model holds the quantized weights
+    and equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
     """
 
     class Hparams(Method.Hparams):
@@ -623,8 +662,9 @@ class CWMPQ(Method):
         warmup_fraction: float = Field(0.1, ge=0, lt=1)
         search_fraction: float = Field(0.5, gt=0, le=1)
         act_clip_init: float = Field(6.0, gt=0)
+        input_bits: int = Field(8, ge=2, le=16)
         fill_budget: bool = True
-        calibration_batches: int = Field(1, ge=1)
+        calibration_batches: int = Field(8, ge=1)
 
         @field_validator("w_precisions")
         @classmethod
@@ -669,7 +709,8 @@ class CWMPQ(Method):
         regulariser = get_cost_model(self.hp.cost_model or budget.metric)
         calibration = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
         space = SearchSpace(model, ctx.input_shape, self.hp.w_precisions, self.hp.a_precisions,
-                            signed_inputs(model, calibration), self.hp.act_clip_init)
+                            signed_inputs(model, calibration), self.hp.act_clip_init, (self.hp.input_bits,))
+        space.recalibrate_norms(calibration)
         hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost, search,
                             ctx.recipe.optimizer == "sgd", ctx.log_metrics)
         ctx.train(model, search, phase="search", hooks=hooks)

@@ -130,6 +130,8 @@ def test_temperature_annealing_follows_the_configured_schedule(temperature: floa
         for choice in space.choices:
             assert float(choice.temperature) == pytest.approx(expected, rel=1e-6)
             assert torch.allclose(choice.probs(), F.softmax(choice.alpha / expected, dim=0))
+        # the search runs BN on fixed statistics (upstream folds it), the logits stay soft
+        assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_in_eval_mode_each_channel_is_quantized_at_one_precision() -> None:
