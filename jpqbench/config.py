@@ -35,6 +35,8 @@ class Recipe(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
     eval_every: int = Field(5, ge=1, description="validation accuracy every N epochs (and at each phase's end)")
+    bn_recalibration_batches: int = Field(0, ge=0, description="after every method: re-estimate batch-norm "
+                                                               "statistics on N training batches (0 = off)")
 
 
 class TrainRecipe(Recipe):

@@ -35,7 +35,7 @@ from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
-from jpqbench.evaluate import evaluate
+from jpqbench.evaluate import evaluate, recalibrate_batchnorm
 from jpqbench.grid import GridPoint
 from jpqbench.methods_api import Budget, Compressed, RunContext, get_method, make_method
 from jpqbench.plan import verify_plan
@@ -191,6 +191,8 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
                          log_metrics=tracker.log_metrics)
         compressed = method.compress(model, budget, ctx)
         compressed.plan.method = request.method
+        if recipe.bn_recalibration_batches:  # the same for every method: part of the recipe
+            recalibrate_batchnorm(compressed.model, ctx.calibration_batches(recipe.bn_recalibration_batches))
         verify_plan(compressed.plan, compressed.model, next(iter(ctx.calibration_batches(1))))
         cost = ctx.cost(compressed.model, compressed.plan)
         val = evaluate(compressed.model, data, "val", recipe.batch_size)
