@@ -526,7 +526,8 @@ class SearchHooks(TrainHooks):
     """The search phase inside the harness trainer.
 
     * parameter groups: network weights with the recipe's optimizer and learning rate; the logits
-      in their own group (lr ``alpha_lr``, momentum ``alpha_momentum``, no weight decay); PACT clips
+      in their own group (lr ``alpha_lr``, by default 1.0 with SGD and 0.01 with Adam; momentum
+      ``alpha_momentum`` with SGD; no weight decay); PACT clips
       without weight decay (as upstream);
     * temperature ``T0 * exp(-anneal_rate * epoch)`` at every epoch start (FBNetV2-style);
     * loss term ``lambda * cost_soft / cost_ref`` (cost_ref: every slot at its largest precision) with
@@ -549,7 +550,8 @@ class SearchHooks(TrainHooks):
         clips = [layer.input_quantizer.clip for layer in self.space.layers.values()]
         special = {id(p) for p in alphas + clips}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
-        alpha_group: dict[str, Any] = {"params": alphas, "lr": self.hp.alpha_lr, "weight_decay": 0.0}
+        alpha_lr = self.hp.alpha_lr or (1.0 if self.sgd else 0.01)
+        alpha_group: dict[str, Any] = {"params": alphas, "lr": alpha_lr, "weight_decay": 0.0}
         if self.sgd:
             alpha_group["momentum"] = self.hp.alpha_momentum
         return [{"params": [p for p in rest if p.dim() > 1], "weight_decay": weight_decay},
@@ -602,7 +604,7 @@ def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
 
 @register_method("cwmpq")
 class CWMPQ(Method):
-    """Joint pruning + channel-wise mixed precision (Motetti et al. 2024): per-channel weight bits {0,2,4,8}, 0 = pruned.
+    """Joint pruning + channel-wise mixed precision (Motetti et al. 2024): weight bits {0,2,4,8}/channel, 0 = pruned.
 
     Per output channel, softmax(alpha / T) mixes symmetric min-max quantized copies of the
     weights at each precision of ``w_precisions`` (0 bits = zero = pruned channel); per layer
@@ -641,9 +643,10 @@ class CWMPQ(Method):
     input channels carry gradient (upstream detaches them); the weights train with the harness
     recipe's optimizer (SGD by default) instead of Adam lr 1e-3; the logits sit in a parameter
     group of that same optimizer (with SGD: momentum 0.9, Nesterov as the recipe) rather than a
-    separate SGD optimizer, at ``alpha_lr`` 1.0 instead of 1e-2, since a harness search is a few
-    hundred steps against upstream's tens of thousands (at 1e-2 the task loss moves a logit by
-    ~1e-3 in a whole search); lambda follows the excess over the budget and the result is
+    separate SGD optimizer, at ``alpha_lr`` 1.0 instead of 1e-2 (with an Adam recipe: 1e-2, as
+    Adam's steps do not scale with the gradient), since a harness search is a few hundred steps
+    against upstream's tens of thousands (with SGD at 1e-2 the task loss moves a logit by ~1e-3
+    in a whole search); lambda follows the excess over the budget and the result is
     projected onto it (upstream sweeps a fixed lambda and takes the cost it lands on); no early
     stopping or best-epoch checkpoint selection. The returned model holds the quantized weights
     and equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
@@ -657,7 +660,7 @@ class CWMPQ(Method):
         strength_ramp: bool = True
         temperature: float = Field(1.0, gt=0)
         anneal_rate: float = Field(0.045, ge=0)
-        alpha_lr: float = Field(1.0, gt=0)
+        alpha_lr: float | None = Field(None, gt=0)  # None: 1.0 with the recipe's SGD, 0.01 with Adam
         alpha_momentum: float = Field(0.9, ge=0, lt=1)
         warmup_fraction: float = Field(0.1, ge=0, lt=1)
         search_fraction: float = Field(0.5, gt=0, le=1)
