@@ -103,6 +103,11 @@ class CompressionPlan:
             bits = layer.w_bits if isinstance(layer.w_bits, list) else [layer.w_bits]
             if any(not 0 <= b <= FLOAT_BITS for b in bits) or not 1 <= layer.a_bits <= FLOAT_BITS:
                 problems.append("bit width outside [0, 32]")
+            zero_bit = {c for c, b in enumerate(bits) if b == 0} if isinstance(layer.w_bits, list) else (
+                set(range(layer.out_channels)) if layer.w_bits == 0 else set())
+            if zero_bit - set(layer.pruned):  # 0 bits costs nothing, so it must be a pruned (zero) channel
+                problems.append(f"channels {sorted(zero_bit - set(layer.pruned))[:8]} have 0 weight bits "
+                                "but are not listed as pruned")
             if not (0 <= layer.w_sparsity < 1 and 0 <= layer.a_sparsity < 1):
                 problems.append("sparsity outside [0, 1)")
             if problems:

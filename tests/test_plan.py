@@ -251,3 +251,13 @@ def test_masked_bias_of_a_pruned_channel_passes() -> None:
     plan = plan_from_model(model, "t")
     assert plan.layers["conv"].pruned == [0, 3]
     verify_plan(plan, model, torch.randn(2, 1, 5, 5))
+
+
+def test_refuses_zero_weight_bits_on_a_channel_not_pruned(uniform8, batch: torch.Tensor) -> None:
+    """0 bits costs nothing in the counter, so only a pruned (and verified zero) channel may claim it."""
+    model, plan = uniform8
+    layer = plan.layers["blocks.1.body.0"]
+    layer.w_bits = [8] * layer.out_channels
+    layer.w_bits[3] = 0
+    with pytest.raises(UserError, match=r"channels \[3\] have 0 weight bits but are not listed as pruned"):
+        verify_plan(plan, model, batch)
