@@ -53,6 +53,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from jpqbench.layers import observe_inputs
 from jpqbench.plan import CompressionPlan, LayerPlan, _quantized_input
 from jpqbench.quant import FLOAT_BITS
 
@@ -253,15 +254,5 @@ def measure_activation_sparsity(model: nn.Module, batches: Iterable[torch.Tensor
         zeros[name] += int((x == 0).sum())
         total[name] += x.numel()
 
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: record(name, mod, args[0]))
-             for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    observe_inputs(model, layers, batches, record)
     return {name: zeros[name] / total[name] for name in layers if total[name]}

@@ -22,6 +22,8 @@ their own modules as ``weight_quantizer`` / ``input_quantizer``; such a module m
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +109,32 @@ def mask_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: torch.Tensor) -> N
         return
     bn.register_buffer("channel_mask", mask.clone().float())
     bn.register_forward_hook(_mask_output)
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor],
+                   observe: Callable[[str, nn.Module, torch.Tensor], None], *,
+                   bypass_input_quantizers: bool = False) -> None:
+    """Run ``batches`` through ``model`` in eval mode, calling ``observe(name, layer, x)`` with the
+    input each of ``layers`` receives (before its own input quantizer).
+
+    With ``bypass_input_quantizers`` those layers' input quantizers are identities meanwhile,
+    so calibration sees float activations. Hooks, quantizers and the training mode are
+    restored afterwards, whatever happens.
+    """
+    hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: observe(name, module, args[0]))
+             for name, layer in layers.items()]
+    saved = {name: layer.input_quantizer for name, layer in layers.items()} if bypass_input_quantizers else {}
+    was_training = model.training
+    model.eval()
+    try:
+        for name in saved:
+            layers[name].input_quantizer = nn.Identity()
+        for batch in batches:
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, quantizer in saved.items():
+            layers[name].input_quantizer = quantizer
+        model.train(was_training)

@@ -49,7 +49,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from jpqbench.layers import CompressibleLayer, compressible_layers, make_compressible
+from jpqbench.layers import CompressibleLayer, compressible_layers, make_compressible, observe_inputs
 
 __all__ = ["LearnedQuantizer", "install_learned_quantizers", "calibrate_inputs", "learned_quantizers",
            "layer_bits", "freeze_all"]
@@ -241,32 +241,15 @@ def calibrate_inputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
               if isinstance(layer.input_quantizer, LearnedQuantizer)}
     stats: dict[str, list[float]] = {name: [0.0, math.inf] for name in layers}
 
-    def observe(name: str):
-        def hook(module: nn.Module, args) -> None:
-            x = args[0].detach()
-            stats[name][0] = max(stats[name][0], float(x.abs().max()))
-            stats[name][1] = min(stats[name][1], float(x.min()))
-        return hook
+    def observe(name: str, layer: nn.Module, x: torch.Tensor) -> None:
+        stats[name][0] = max(stats[name][0], float(x.abs().max()))
+        stats[name][1] = min(stats[name][1], float(x.min()))
 
-    saved = {name: layer.input_quantizer for name, layer in layers.items()}
-    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in layers.values():
-            layer.input_quantizer = nn.Identity()
-        for batch in batches:
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, layer in layers.items():
-            layer.input_quantizer = saved[name]
-        model.train(was_training)
-    for name, quantizer in saved.items():
+    observe_inputs(model, layers, batches, observe, bypass_input_quantizers=True)
+    for name, layer in layers.items():
         if math.isinf(stats[name][1]):
             raise RuntimeError(f"layer {name} saw no input during calibration")
-        quantizer.initialize_range(*stats[name])
+        layer.input_quantizer.initialize_range(*stats[name])
 
 
 def learned_quantizers(model: nn.Module) -> dict[str, LearnedQuantizer]:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers
+from jpqbench.layers import compressible_layers, observe_inputs
 from jpqbench.quant import FLOAT_BITS
 
 
@@ -163,17 +163,8 @@ def verify_plan(plan: CompressionPlan, model: nn.Module, batch: torch.Tensor) ->
                            "the method must write a plan for exactly the model it returns")
     alive_inputs = input_liveness(model, tuple(batch.shape[1:]), plan)
     seen_inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_pre_hook(
-        lambda mod, args, name=name: seen_inputs.__setitem__(name, _quantized_input(mod, args[0])))
-        for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(batch)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    observe_inputs(model, layers, [batch],
+                   lambda name, layer, x: seen_inputs.__setitem__(name, _quantized_input(layer, x)))
     for name, layer in layers.items():
         claim = plan.layers[name]
         weight = layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight

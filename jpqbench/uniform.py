@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
 from jpqbench.quant import MinMaxObserver, UniformQuantizer
 
 
@@ -41,22 +41,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
             flat = layer.weight.detach().reshape(quantizer.channels, -1)
             quantizer.calibrate(flat.amin(dim=1), flat.amax(dim=1))
     observers: dict[str, MinMaxObserver] = {name: MinMaxObserver() for name in layers}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: observers[name](args[0]))
-             for name, layer in layers.items()]
-    saved = {name: layer.input_quantizer for name, layer in layers.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in layers.values():
-            layer.input_quantizer = nn.Identity()
-        for batch in batches:
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, layer in layers.items():
-            layer.input_quantizer = saved[name]
-        model.train(was_training)
+    observe_inputs(model, layers, batches, lambda name, layer, x: observers[name](x), bypass_input_quantizers=True)
     for name, layer in layers.items():
         if isinstance(layer.input_quantizer, UniformQuantizer):
             layer.input_quantizer.calibrate(observers[name].x_min, observers[name].x_max)

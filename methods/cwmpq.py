@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from jpqbench.errors import UserError
 from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
+from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm, observe_inputs
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
 from jpqbench.prune import classifier_name
@@ -589,16 +589,7 @@ def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
     """Conv/linear layers whose input takes negative values (the network input): they get a signed PACT."""
     seen: dict[str, float] = {}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, float(args[0].min())))
-               for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(batch)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, layers, [batch], lambda name, layer, x: seen.__setitem__(name, float(x.min())))
     return {name for name, low in seen.items() if low < 0}
 
 
