@@ -122,8 +122,12 @@ def observe_inputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     so calibration sees float activations. Hooks, quantizers and the training mode are
     restored afterwards, whatever happens.
     """
-    hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: observe(name, module, args[0]))
-             for name, layer in layers.items()]
+    def hook(name: str) -> Callable[[nn.Module, tuple], None]:
+        def pre_hook(module: nn.Module, args: tuple) -> None:  # returning a value would replace the input
+            observe(name, module, args[0])
+        return pre_hook
+
+    hooks = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     saved = {name: layer.input_quantizer for name, layer in layers.items()} if bypass_input_quantizers else {}
     was_training = model.training
     model.eval()

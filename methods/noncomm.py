@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import CompressionPlan, LayerPlan, plan_from_model
 from jpqbench.qsparse import ActivationPQ, WeightPQ, cubic_sparsity
@@ -103,19 +103,8 @@ def _inputs_in_call_order(model: nn.Module, input_shape: tuple[int, ...]) -> dic
     """One sample's input shape of every compressible layer, in the order the forward pass calls them."""
     shapes: dict[str, torch.Size] = {}
 
-    def record(name: str, x: torch.Tensor) -> None:  # a pre-hook that returned a value would replace the input
-        shapes.setdefault(name, x.shape[1:])
-
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, name=name: record(name, args[0]))
-             for name, layer in compressible_layers(model).items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.zeros(1, *input_shape))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    observe_inputs(model, compressible_layers(model), [torch.zeros(1, *input_shape)],
+                   lambda name, layer, x: shapes.setdefault(name, x.shape[1:]))
     return shapes
 
 
