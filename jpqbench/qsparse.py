@@ -117,7 +117,22 @@ def magnitude_mask(importance: torch.Tensor, mask: torch.Tensor, sparsity: float
     return new.view_as(mask)
 
 
-class WeightPQ(nn.Module):
+class _MaskedQuantized(nn.Module):
+    """What the plan reads off both operators: bits once the quantizer is on, the mask's sparsity."""
+
+    quantizer: Pow2Quantizer
+    mask: torch.Tensor
+
+    @property
+    def bits(self) -> int:
+        return self.quantizer.bits if bool(self.quantizer.enabled) else FLOAT_BITS
+
+    @property
+    def sparsity(self) -> float:
+        return int((self.mask == 0).sum()) / self.mask.numel()
+
+
+class WeightPQ(_MaskedQuantized):
     """``Q(P(W))`` for a compressible layer's ``weight_quantizer`` slot.
 
     :meth:`arm` tells it what the next training forward should do: prune to a sparsity (by the
@@ -134,14 +149,6 @@ class WeightPQ(nn.Module):
     def arm(self, prune_to: float | None = None, observe: bool = False, switch_on: bool = False) -> None:
         self._prune_to, self._observe, self._switch_on = prune_to, observe, switch_on
 
-    @property
-    def bits(self) -> int:
-        return self.quantizer.bits if bool(self.quantizer.enabled) else FLOAT_BITS
-
-    @property
-    def sparsity(self) -> float:
-        return int((self.mask == 0).sum()) / self.mask.numel()
-
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and self._prune_to is not None:
             self.mask.copy_(magnitude_mask(weight.detach().abs(), self.mask, self._prune_to))
@@ -155,7 +162,7 @@ class WeightPQ(nn.Module):
         return self.quantizer(pruned)
 
 
-class ActivationPQ(nn.Module):
+class ActivationPQ(_MaskedQuantized):
     """``Q(P(x))`` for a compressible layer's ``input_quantizer`` slot.
 
     The pruning mask has the shape of one sample (``sample_shape``: (C, H, W) or (features,))
@@ -179,14 +186,6 @@ class ActivationPQ(nn.Module):
             prune_to, observe_magnitude = None, False
         self._prune_to, self._observe_magnitude = prune_to, observe_magnitude
         self._observe, self._switch_on = observe, switch_on
-
-    @property
-    def bits(self) -> int:
-        return self.quantizer.bits if bool(self.quantizer.enabled) else FLOAT_BITS
-
-    @property
-    def sparsity(self) -> float:
-        return int((self.mask == 0).sum()) / self.mask.numel()
 
     @torch.no_grad()
     def _update_mask(self, x: torch.Tensor) -> None:
