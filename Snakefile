@@ -8,6 +8,7 @@ where they live) comes from jpqbench.grid, the same definition `jpqbench aggrega
 reads back, so the workflow and the summary can never disagree about what the grid is.
 """
 import os
+import re
 
 from jpqbench.grid import REFERENCE_KEY, budget_from_key, grid
 from jpqbench.methods_api import Budget, make_method
@@ -45,9 +46,19 @@ RUN_FILES = ["plan.json", "metrics.json", "model.pt"]  # metrics.json, written l
 # A compress job runs every budget of one (dataset, model, method, seed) in one process when
 # `batch_budgets` is on (the default grid: process start-up and data loading are paid once),
 # else one budget per job (a cluster, where one run may take hours).
-BUDGET_KEYS = [Budget(cfg.budget_metric, target).key for target in cfg.budgets]
-JOB_BUDGETS = BUDGET_KEYS if cfg.batch_budgets else ["{budgetkey}"]
 JOB = "{dataset}/{model}/{method}/s{seed}" if cfg.batch_budgets else "{dataset}/{model}/{method}/{budgetkey}/s{seed}"
+
+
+def budget_keys(dataset):
+    """The run-folder names of ``dataset``'s budgets (a dataset may list its own budgets)."""
+    return [Budget(cfg.budget_metric, target).key for target in cfg.budgets_of(dataset)]
+
+
+# The compress rules: the budgets a job writes must be fixed patterns in its outputs, and a
+# dataset may have its own budgets, so batched jobs get one rule per dataset
+# (compress_<dataset>); unbatched, one rule `compress` with the budget as a wildcard.
+COMPRESS_RULES = ({f"compress_{dataset}": (re.escape(dataset), budget_keys(dataset)) for dataset in cfg.datasets}
+                  if cfg.batch_budgets else {"compress": (r"[^/]+", ["{budgetkey}"])})
 
 wildcard_constraints:
     dataset=r"[^/]+",
@@ -69,7 +80,8 @@ def recipe_of(wildcards):
 
 def budget_args(wildcards):
     """`--budget T [--budget T ...] --budget-metric M`: the job's budget, or all of them when batched."""
-    budgets = [budget_from_key(key) for key in (BUDGET_KEYS if cfg.batch_budgets else [wildcards.budgetkey])]
+    keys = budget_keys(wildcards.dataset) if cfg.batch_budgets else [wildcards.budgetkey]
+    budgets = [budget_from_key(key) for key in keys]
     return " ".join(f"--budget {budget.target!r}" for budget in budgets) + f" --budget-metric {cfg.budget_metric}"
 
 
@@ -124,25 +136,29 @@ rule pretrain:
         "--out {output} > {log} 2>&1"
 
 
-rule compress:
-    input:
-        checkpoint=CHECKPOINT,
-        tracking=ancient(TRACKING),
-    output:
-        run_files(JOB_BUDGETS),
-    params:
-        budget=budget_args,
-        recipe=recipe_of,
-        hparams=hparams_of,
-    log:
-        f"{RESULTS}/logs/compress/{JOB}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/compress/{JOB}.tsv"
-    threads: 1
-    shell:
-        "OMP_NUM_THREADS={threads} jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
-        "{params.budget} --seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} "
-        "> {log} 2>&1"
+for rule_name, (dataset_pattern, job_budget_keys) in COMPRESS_RULES.items():
+    rule:
+        name: rule_name
+        input:
+            checkpoint=CHECKPOINT,
+            tracking=ancient(TRACKING),
+        output:
+            run_files(job_budget_keys),
+        wildcard_constraints:
+            dataset=dataset_pattern,
+        params:
+            budget=budget_args,
+            recipe=recipe_of,
+            hparams=hparams_of,
+        log:
+            f"{RESULTS}/logs/compress/{JOB}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/compress/{JOB}.tsv"
+        threads: 1
+        shell:
+            "OMP_NUM_THREADS={threads} jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
+            "{params.budget} --seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} "
+            "> {log} 2>&1"
 
 
 # A budget-free method (the fp32 reference): one run per seed, in the `reference` folder.

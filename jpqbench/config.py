@@ -55,6 +55,14 @@ class DatasetGrid(Recipe):
 
     models: dict[str, dict[str, Any] | None] = Field(min_length=1)
     seeds: list[int] | None = Field(None, min_length=1, description="this dataset's seeds (default: the grid's)")
+    budgets: list[float] | None = Field(None, min_length=1, description="this dataset's budgets (default: the grid's)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, budgets: list[float] | None) -> list[float] | None:
+        for budget in budgets or []:
+            check_budget(budget)
+        return budgets
 
     @model_validator(mode="after")
     def _overrides_are_recipes(self) -> "DatasetGrid":
@@ -64,7 +72,7 @@ class DatasetGrid(Recipe):
 
     def recipe(self, model: str) -> TrainRecipe:
         """The shared recipe with ``model``'s overrides applied."""
-        shared = self.model_dump(exclude={"models", "seeds"})
+        shared = self.model_dump(exclude={"models", "seeds", "budgets"})
         try:
             return TrainRecipe(**{**shared, **(self.models[model] or {}), "model": model})
         except ValidationError as error:
@@ -98,6 +106,10 @@ class BenchConfig(_Strict):
     def seeds_of(self, dataset: str) -> list[int]:
         """The seeds ``dataset`` runs with: its own ``seeds`` if given, else the grid's."""
         return self.datasets[dataset].seeds or self.seeds
+
+    def budgets_of(self, dataset: str) -> list[float]:
+        """The budgets ``dataset`` runs at: its own ``budgets`` if given, else the grid's."""
+        return self.datasets[dataset].budgets or self.budgets
 
     def recipe(self, dataset: str, model: str | None = None) -> TrainRecipe:
         """The recipe of ``model`` on ``dataset``; ``model`` may be omitted when the dataset has one.

@@ -47,7 +47,7 @@ def grid(config: BenchConfig) -> list[GridPoint]:
     points = []
     for dataset, model in config.benchmarks():
         for method in config.methods:
-            budgets = ([Budget(config.budget_metric, target) for target in config.budgets]
+            budgets = ([Budget(config.budget_metric, target) for target in config.budgets_of(dataset)]
                        if method_takes_budget(method) else [None])
             points += [GridPoint(dataset, model, method, budget, seed)
                        for budget in budgets for seed in config.seeds_of(dataset)]

@@ -241,3 +241,22 @@ def test_a_dataset_may_run_its_own_seeds() -> None:
     assert config.seeds_of("digits") == [0, 1, 2] and config.seeds_of("minispeech") == [5]
     assert sorted((p.dataset, p.seed) for p in grid(config)) == [
         ("digits", 0), ("digits", 1), ("digits", 2), ("minispeech", 5)]
+
+
+def test_a_dataset_may_run_its_own_budgets() -> None:
+    from jpqbench.grid import grid
+
+    raw = _raw(budgets=[0.02, 0.05, 0.1], methods=["fp32", "qat"])
+    raw["datasets"]["minispeech"] = {**raw["datasets"]["digits"], "models": {"ds_cnn": {}}, "budgets": [0.05]}
+    config = validate_config(raw)
+    assert config.budgets_of("digits") == [0.02, 0.05, 0.1] and config.budgets_of("minispeech") == [0.05]
+    budgeted = sorted((p.dataset, p.budget.target) for p in grid(config) if p.budget is not None)
+    assert budgeted == [("digits", 0.02), ("digits", 0.05), ("digits", 0.1), ("minispeech", 0.05)]
+    assert config.recipe("minispeech").model == "ds_cnn"  # `budgets` is no recipe key
+
+
+def test_a_dataset_budget_out_of_range_is_refused() -> None:
+    raw = _raw()
+    raw["datasets"]["digits"]["budgets"] = [1.5]
+    with pytest.raises(UserError, match="budget 1.5 is out of range"):
+        validate_config(raw)
