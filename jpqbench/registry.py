@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
@@ -95,10 +96,22 @@ def plugin_dirs() -> list[Path]:
     return dirs
 
 
+def _ensure_package(name: str) -> None:
+    """Register an empty package ``name`` so that ``import name.child`` resolves through
+    sys.modules: pickle imports a class's module by its dotted name, so without the parents a
+    model holding a plugin's class (a method's quantizer, say) could not be saved or loaded."""
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = []
+        sys.modules[name] = package
+
+
 def _load_file(path: Path) -> None:
     module_name = f"jpqbench_plugins.{path.parent.name}.{path.stem}"
     if module_name in sys.modules:
         return
+    _ensure_package("jpqbench_plugins")
+    _ensure_package(f"jpqbench_plugins.{path.parent.name}")
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:  # pragma: no cover - not a python file
         return

@@ -106,6 +106,23 @@ def test_duplicate_name_from_another_module_is_refused(tmp_path: Path,
         METHODS.names()
 
 
+def test_a_model_holding_a_plugin_class_saves_and_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """pickle imports a class's module by its dotted name: the plugins' parent packages must exist."""
+    import subprocess
+
+    import torch
+
+    discover_plugins()
+    module = sys.modules["jpqbench_plugins.methods.cwmpq"]
+    saved = tmp_path / "model.pt"
+    torch.save(torch.nn.Sequential(module.PrecisionChoice([0, 2, 4, 8], slots=3)), saved)
+    load = ("import torch; from jpqbench.registry import discover_plugins; discover_plugins(); "
+            f"print(type(torch.load({str(saved)!r}, weights_only=False)[0]).__qualname__)")
+    result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "PrecisionChoice"
+
+
 # ---------------------------------------------------------------- config
 def test_valid_config_passes() -> None:
     config = validate_config(_raw())
