@@ -11,7 +11,8 @@ optimizer, schedule, data order, checkpointing and accounting.
   atomically at the end of every epoch; :func:`fit` resumes from it when it exists, and a
   finished phase is skipped on rerun;
 * methods customise training through :class:`TrainHooks` -- extra loss terms, post-step
-  projections, per-epoch phase changes and their own optimizer parameter groups;
+  projections, per-epoch phase changes, their own optimizer parameter groups, or (a method
+  that is an optimizer) their own optimizer;
 * ``compute_s`` accumulates the time spent in forward, backward, optimizer step and hooks
   -- the work itself -- so the harness overhead of a run (everything else) is measurable.
 """
@@ -50,6 +51,16 @@ class TrainHooks:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Runs after every optimizer step (projections, mask re-application)."""
+
+    def make_optimizer(self, groups: list[dict[str, Any]], spec: TrainSpec) -> torch.optim.Optimizer | None:
+        """A method's own optimizer over ``groups`` (from :meth:`param_groups`), for a method whose
+        algorithm *is* an optimizer (GETA's QASSO); None (the default) is the harness's SGD/Adam.
+
+        It takes every step in place of the harness's optimizer and must read each group's
+        ``lr`` at every step: the harness's cosine schedule sets it, and its ``state_dict`` is
+        what the checkpoint saves and a resumed run restores.
+        """
+        return None
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -101,7 +112,9 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
     """Train ``model`` for ``spec.epochs`` epochs; resume from ``checkpoint`` if present."""
     hooks = hooks or TrainHooks()
     groups = hooks.param_groups(model, spec.lr, spec.weight_decay)
-    optimizer = _make_optimizer(groups, spec)
+    optimizer = hooks.make_optimizer(groups, spec)
+    if optimizer is None:
+        optimizer = _make_optimizer(groups, spec)
     steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
     if spec.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
