@@ -15,6 +15,11 @@ convs included) and the scale/shift of each BatchNorm on it. Zeroing those rows 
 channel exactly zero wherever it is read, so the group can be removed physically. Input-side
 slices of the consumers are left alone (they multiply zeros). The classifier's outputs are
 never grouped (:func:`jpqbench.prune.classifier_name`), as in :mod:`jpqbench.prune`.
+
+A BatchNorm that reads the channels through a channel concatenation (DenseNet-style) is
+*auxiliary* (:attr:`CoupledRows.auxiliary`): upstream puts such a node group into the
+parameter groups of the layers it concatenates and decays its rows on their own schedule
+instead of with the angle-based step (:mod:`jpqbench.qasso`).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class CoupledRows:
     module: str
     rows: torch.Tensor  # long, output-channel indices of the module
     channels: torch.Tensor  # long, the group channel of each row
+    auxiliary: bool = False  # a BatchNorm behind a channel concatenation
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,19 @@ def build_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Pruning
     for group in graph.get_all_groups(ignored_layers=[head], root_module_types=[nn.Conv2d, nn.Linear]):
         layers: list[CoupledRows] = []
         norms: list[CoupledRows] = []
-        for item in group.items:
+        behind_concat: set[int] = set()  # graph nodes the group reaches through a concatenation
+        for item in group.items:  # in traversal order: a dependency's source is reached before its target
             dep = item.dep
+            if dep.source.type == tp.ops.OPTYPE.CONCAT or id(dep.source) in behind_concat:
+                behind_concat.add(id(dep.target))
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             module = dep.target.module
             if not isinstance(module, (nn.Conv2d, nn.Linear, _BatchNorm)):
                 continue
             rows = CoupledRows(names[id(module)], torch.as_tensor(item.idxs, dtype=torch.long),
-                               torch.as_tensor(item.root_idxs, dtype=torch.long))
+                               torch.as_tensor(item.root_idxs, dtype=torch.long),
+                               isinstance(module, _BatchNorm) and id(dep.target) in behind_concat)
             (norms if isinstance(module, _BatchNorm) else layers).append(rows)
         if not layers:
             continue

@@ -1,54 +1,82 @@
-"""QASSO: GETA's quantization-aware structured sparse optimizer, as hooks around the harness loop.
+"""QASSO: GETA's quantization-aware structured sparse optimizer, a ``torch.optim.Optimizer``.
 
-The harness's optimizer takes every gradient step (weights at ``lr``, quantizer parameters at
-``lr_quant``: :meth:`Qasso.param_groups`); :meth:`Qasso.after_step` then does what GETA's
-optimizer adds, by optimizer step ``s`` of the run (0-based, :class:`Schedule`):
+:class:`Qasso` takes every step of a GETA run itself, as upstream's optimizer does
+(microsoft/geta ``only_train_once/optimizer/geta.py``); :class:`QassoHooks` hands it to the
+harness's training loop (``TrainHooks.make_optimizer``), whose cosine schedule sets each
+parameter group's ``lr``. At optimizer step ``s`` of the run (0-based, :class:`Schedule`):
 
-1. **warm-up** (``s < projection_start``): nothing -- plain training of everything;
-2. **projection** (``projection_start <= s < pruning_start``): the partial projection -- only
-   ``d`` is clamped into ``[d(b_u), d(b_l)]`` (bit width in ``[b_l, b_u]``), ``q_m`` and ``t``
-   stay free; ``b_u`` starts at ``max_bits`` and drops by ``bit_reduction`` at the start of each
-   projection period, never below ``final_bits``;
+* **the first-order step.** Every parameter with a gradient gets upstream's direction ``v``:
+  the gradient plus L2 weight decay, then SGD momentum (``buf = mu buf + v``, no dampening, no
+  Nesterov -- exactly ``torch.optim.SGD(momentum=mu, weight_decay=wd)``) or Adam's
+  bias-corrected ``m / (sqrt(v) + eps)``; ``p <- p - lr v``. Quantizer parameters (``d``,
+  ``q_m``, ``t``) are in their own parameter group with ``lr = lr_quant``. Weight decay goes
+  to conv/linear weights only (the harness's groups, the same for every method).
+1. **warm-up** (``s < projection_start``): that step alone, on everything;
+2. **projection** (``projection_start <= s < pruning_start``): after the step, the partial
+   projection -- only ``d`` is clamped into ``[d(b_u), d(b_l)]`` (bit width in ``[b_l, b_u]``),
+   ``q_m`` and ``t`` stay free; ``b_u`` starts at ``max_bits`` and drops by ``bit_reduction``
+   at the start of each projection period, never below ``final_bits``;
 3. **joint** (``pruning_start <= s < cooldown_start``), in ``pruning_periods`` periods of ``L``
    steps: at the first step of a period the groups are scored (:func:`saliency`: magnitude,
-   average magnitude, cosine similarity of parameter and gradient, first- and second-order
-   Taylor, each normalised over all channels, equal weights) and the lowest-scoring alive
-   channels -- this period's share of the target -- become *redundant* (at least one channel
-   of every group stays). The target is a group sparsity (upstream), or, in budget mode, the
+   average magnitude, cosine similarity of parameter and direction, first- and second-order
+   Taylor, each normalised over all channels, equal weights; the direction ``v`` stands for
+   the gradient, as upstream) and the lowest-scoring alive channels -- this period's share of
+   the target -- become *redundant* (at least ``group_divisible`` channels of every group stay,
+   and with ``group_divisible = k > 1`` a group's kept channels are rounded up to a multiple
+   of ``k``, as upstream). The target is a group sparsity (upstream), or, in budget mode, the
    fewest channels that, taken by the current scores, bring the counted cost at the current
    bit widths within the budget (found by bisection each period; the last period takes all
-   that is still needed, so the pruned set meets the budget to within one channel). At every step of the period each group with redundant channels
-   gets the angle-based forget step: with ``x`` the clipped values ``sign(w) min(|w|, q_m)^t``
-   of its redundant rows and ``g`` their gradient, ``gamma = 1 / (L - t)`` if
-   ``cos(x, g) >= 0`` (a linear decay to zero over the period) else
-   ``-(1 - eta) lr |g| / (cos(x, g) |x|)``; ``d`` of each quantized layer in the group is chosen
-   against the quantization residual ``r = sign(w)(round(u) - u)``: ``d(b_l)`` if
-   ``cos(r, g) >= 0``, else ``-zeta eta lr |g| / (gamma cos(r, g) |r|)`` (``gamma`` shrinks by
-   0.8 while that is below ``d(b_u)``), clamped into the layer's ``[d(b_u), d(b_l)]``; then the
-   redundant rows move by ``-gamma Q(w)`` (quantized weights) or ``-gamma p`` (biases, BN).
-   Groups without redundant channels are projected as in stage 2 with ``b_u = final_bits``.
-   At the last step of a period the redundant channels become *pruned*: exactly 0.0 from then
-   on (re-zeroed after every step) and masked (``out_mask``, BN masks) for the plan.
+   that is still needed, so the pruned set meets the budget to within one channel).
+   Groups without redundant channels take the step and the projection of stage 2 with
+   ``b_u = final_bits``. A group with redundant channels takes upstream's *half-space* step:
+   its ``q_m`` and ``t`` take the first-order step; with ``x`` the clipped values
+   ``sign(w) min(|w|, q_m)^t`` of its redundant rows (biases and BN parameters as they are)
+   and ``v`` their direction, the forget rate is ``gamma = 1 / (L - t)`` if ``cos(x, v) >= 0``
+   (a linear decay to zero over the period) else ``-(1 - eta) lr |v| / (cos(x, v) |x|)``;
+   ``d`` of each quantized layer of the group is *set* (no gradient step) against the
+   quantization residual ``r = sign(w)(round(u) - u)``: ``d(b_l)`` if ``cos(r, v) >= 0``, else
+   ``-zeta eta lr |v| / (gamma cos(r, v) |r|)`` (``gamma`` shrinks by 0.8 while that is below
+   ``d(b_u)``), clamped into the layer's ``[d(b_u), d(b_l)]``; then every parameter of the
+   group takes the first-order step and its redundant rows additionally lose ``gamma Q(w)``
+   (quantized weights, ``Q`` with the new ``d``) or ``gamma p`` (biases, BN), both computed
+   from the values before the step, as upstream. *Auxiliary* rows -- a BatchNorm that reads
+   the channels through a concatenation (:attr:`jpqbench.qadg.CoupledRows.auxiliary`) -- are
+   left out of the angles and shrink by ``(L - t - 1) / (L - t)`` per step instead (upstream's
+   auxiliary decay). At the last step of a period the redundant channels become *pruned*:
+   exactly 0.0 from then on (re-zeroed after every step) and masked (``out_mask``, BN masks)
+   for the plan; so at the end of the joint stage every redundant channel is exactly zero.
 4. **cool-down** (``s >= cooldown_start``): every quantizer is frozen at its rounded bit width
-   (:meth:`LearnedQuantizer.freeze`; ``q_m`` and ``t`` keep training, ``d`` follows them).
+   at the end of the joint stage (:meth:`LearnedQuantizer.freeze`; ``q_m`` and ``t`` keep
+   training, ``d`` follows them -- upstream's projection of ``d`` onto ``d(bits)``).
 
-Choices that differ from upstream (microsoft/geta ``optimizer/geta.py``), each small:
+Choices that differ from upstream, each small and deliberate:
 
-* the gradient in the angles and scores is the raw gradient of the step (upstream: its
-  optimizer's own direction, which for its default SGD variant without momentum is the same);
-  the step's ``lr`` is the harness's cosine schedule at ``s``; the forget step acts on the
-  weights after the harness's step, not before it; ``gamma`` is capped at 1 (no overshoot past 0);
+* Adam is the textbook one (upstream seeds its moment buffers with the first gradient and
+  its square and still divides by the bias corrections, which scales the first steps by
+  about 0.3); upstream's ``adamw`` variant is not offered (the harness's recipe has none);
+* weight decay spares biases, BN and quantizer parameters (upstream's L2 term reaches every
+  parameter, ``d``, ``q_m`` and ``t`` included: decaying ``d`` raises the bit width); the
+  harness's groups are the same for every method, so the comparison stays fair;
+* ``lr_quant`` follows the run's cosine schedule like every group (upstream keeps it constant
+  while its scheduler decays ``lr``);
+* ``gamma`` is capped at 1 (no overshoot past 0); a group's forget rate is 0 when its clipped
+  values have (numerically) zero norm (upstream tests their *mean*, which is also below 1e-8
+  for any group whose values are mostly negative); upstream's auxiliary decay runs once per
+  step here (upstream repeats it for every parameter of the group in the same step);
 * ``d`` is clamped per layer (upstream uses one ``d`` for all layers of a group, bounded with
   the largest ``q_m`` of the group, which can put a layer with a smaller range below ``b_l``);
-* a group's forget rate is 0 when its clipped values have (numerically) zero norm (upstream
-  tests their *mean*, which is also below 1e-8 for any group whose values are mostly negative);
 * input (activation) quantizers are projected like weight quantizers, with their own
   ``[b_l, b_u]`` (upstream leaves that call commented out and lets activation bits float);
-* the selection of redundant channels keeps one channel of every group alive by taking the
-  next-lowest channel elsewhere, so the count is exactly the target (upstream shrinks the target);
-* the run's state that is not a function of ``s`` (redundant and pruned channels) lives in
-  buffers of a ``qasso_state`` module attached to the model during training, so a resumed run
-  continues exactly where the checkpoint left it.
+* the greedy selection keeps ``group_divisible`` channels of every group by taking the
+  next-lowest channel elsewhere, so with ``group_divisible = 1`` the count is exactly the
+  target (upstream shrinks the target; with ``k > 1`` the rounding shrinks it here too);
+  groups of at most ``group_divisible`` channels are never pruned (upstream: the same);
+* upstream clips gradients into ``[grad_clip_min, grad_clip_max]`` only in a helper that its
+  ``step`` never calls, so there is no clipping here either;
+* the state that is not a function of the parameters -- the step, redundant and pruned
+  channels -- lives in buffers of a ``qasso_state`` module attached to the model during
+  training, and the momentum buffers in the optimizer's ``state``; both are checkpointed,
+  so a resumed run continues exactly where it stopped.
 
 A **budget wall** runs when the bit widths are frozen: if the counted cost (the harness's
 counter, through ``relative_cost``) is above the target, the quantizer with the most bits
@@ -61,7 +89,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -69,8 +97,8 @@ from torch import nn
 from jpqbench.errors import UserError
 from jpqbench.layers import compressible_layers, mask_batchnorm
 from jpqbench.learned_quant import LearnedQuantizer, learned_quantizers
-from jpqbench.qadg import PruningGroup
-from jpqbench.train import TrainHooks
+from jpqbench.qadg import CoupledRows, PruningGroup
+from jpqbench.train import TrainHooks, TrainSpec
 
 RelativeCost = Callable[[nn.Module, "dict[str, list[int]] | None"], float]
 """``relative_cost(model, pruned)``: the counted relative cost of ``model`` as it is (integer bit
@@ -157,39 +185,56 @@ class QassoConfig:
     weight_bits: BitSchedule
     input_bits: BitSchedule | None
     saliency: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SALIENCY))
+    group_divisible: int = 1  # kept channels per group: a multiple of this (upstream's default 1)
     eta: float = 0.999
     zeta: float = 0.9
 
+    def __post_init__(self) -> None:
+        if self.group_divisible < 1:
+            raise ValueError(f"group_divisible must be at least 1, got {self.group_divisible}")
+
 
 class QassoState(nn.Module):
-    """Redundant (this period) and pruned channels over all groups, as buffers (checkpointed)."""
+    """The optimizer step, redundant (this period) and pruned channels over all groups, as buffers
+    (so the model's checkpoint carries them)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("redundant", torch.zeros(channels, dtype=torch.bool))
         self.register_buffer("pruned", torch.zeros(channels, dtype=torch.bool))
 
 
 # ---- saliency ------------------------------------------------------------------------
 
-def _rows(module: nn.Module, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(values, gradient) of the given output rows of every parameter of a conv/linear/BN, flattened."""
+Direction = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``direction(param)``: the update direction QASSO uses for ``param`` (None: no gradient)."""
+
+
+def _gradient(param: torch.Tensor) -> torch.Tensor | None:
+    return param.grad
+
+
+def _rows(module: nn.Module, rows: torch.Tensor, direction: Direction) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(values, direction) of the given output rows of every parameter of a conv/linear/BN, flattened."""
     out = []
     for param in (module.weight, module.bias):
         if param is None:
             continue
         value = param.detach()[rows].reshape(len(rows), -1)
-        grad = param.grad[rows].reshape(len(rows), -1) if param.grad is not None else torch.zeros_like(value)
-        out.append((value, grad))
+        grad = direction(param)
+        out.append((value, grad[rows].reshape(len(rows), -1) if grad is not None else torch.zeros_like(value)))
     return out
 
 
 @torch.no_grad()
-def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, float] | None = None) -> torch.Tensor:
+def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, float] | None = None,
+             direction: Direction = _gradient) -> torch.Tensor:
     """GETA's combined saliency score of every channel of every group (concatenated, group order).
 
-    Uses the parameters and their current ``.grad``; each criterion is divided by its L2 norm
-    over all channels before the weighted sum. Low score = redundant.
+    Uses the parameters and their ``direction`` (default: the current ``.grad``; QASSO passes
+    its own update direction, as upstream); each criterion is divided by its L2 norm over all
+    channels before the weighted sum. Low score = redundant.
     """
     weights = DEFAULT_SALIENCY if weights is None else weights
     modules = dict(model.named_modules())
@@ -197,7 +242,7 @@ def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, fl
     for group in groups:
         acc = torch.zeros(4, group.size, dtype=torch.float64)
         for coupled in (*group.layers, *group.norms):
-            for value, grad in _rows(modules[coupled.module], coupled.rows):
+            for value, grad in _rows(modules[coupled.module], coupled.rows, direction):
                 acc[0].index_add_(0, coupled.channels, (value.double() ** 2).sum(1))
                 acc[1].index_add_(0, coupled.channels, (value.double() * grad.double()).sum(1))
                 acc[2].index_add_(0, coupled.channels, (grad.double() ** 2).sum(1))
@@ -220,25 +265,47 @@ def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, fl
     return score
 
 
-def select_lowest(score: torch.Tensor, groups: list[PruningGroup], excluded: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` lowest-scoring channels not in ``excluded``, keeping one channel of every group.
+def select_lowest(score: torch.Tensor, groups: list[PruningGroup], excluded: torch.Tensor, count: int,
+                  divisible: int = 1) -> torch.Tensor:
+    """The ``count`` lowest-scoring channels not in ``excluded``, keeping ``divisible`` channels of every group.
 
-    Returns a bool mask over all channels. Ties are broken by channel order (stable sort).
+    Returns a bool mask over all channels; ties are broken by channel order (stable sort).
+    Groups of at most ``divisible`` channels are never chosen. With ``divisible = k > 1`` each
+    group's kept channels are then rounded up to a multiple of ``k`` (its highest-scoring chosen
+    channels are given back), so fewer than ``count`` may be chosen -- upstream's
+    ``group_divisible``.
     """
     chosen = torch.zeros_like(excluded)
-    left = [g.size - int(excluded[o:o + g.size].sum()) for g, o in zip(groups, _offsets(groups))]
+    offsets = _offsets(groups)
+    alive = [g.size - int(excluded[o:o + g.size].sum()) for g, o in zip(groups, offsets)]
+    left = list(alive)
     owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
+    order = torch.argsort(score, stable=True).tolist()
     taken = 0
-    for channel in torch.argsort(score, stable=True).tolist():
+    for channel in order:
         if taken == count:
             break
         group = int(owner[channel])
-        if excluded[channel] or left[group] <= 1:
+        if excluded[channel] or left[group] <= divisible or groups[group].size <= divisible:
             continue
         chosen[channel] = True
         left[group] -= 1
         taken += 1
+    if divisible > 1:
+        for index, (group, offset) in enumerate(zip(groups, offsets)):
+            kept = left[index]
+            rounded = min(alive[index], -(-kept // divisible) * divisible)
+            if rounded == kept:
+                continue
+            local = torch.nonzero(chosen[offset:offset + group.size]).flatten() + offset
+            give_back = local[torch.argsort(score[local], descending=True, stable=True)[:rounded - kept]]
+            chosen[give_back] = False
     return chosen
+
+
+def prunable_channels(groups: list[PruningGroup], divisible: int = 1) -> int:
+    """The most channels :func:`select_lowest` can choose: all but ``divisible`` of every larger group."""
+    return sum(g.size - divisible for g in groups if g.size > divisible)
 
 
 def _offsets(groups: list[PruningGroup]) -> list[int]:
@@ -286,24 +353,55 @@ def apply_pruning(modules: dict[str, nn.Module], groups: list[PruningGroup], pru
         mask_batchnorm(bn, mask)
 
 
-# ---- the optimizer hooks ---------------------------------------------------------------
+# ---- the optimizer -----------------------------------------------------------------------
 
-class Qasso(TrainHooks):
-    """GETA's QASSO around ``ctx.train`` (see the module docstring).
+def _check_budget_inputs(config: QassoConfig, relative_cost: RelativeCost | None, target: float | None) -> None:
+    if config.target_group_sparsity is None and (relative_cost is None or target is None):
+        raise ValueError("without target_group_sparsity QASSO needs relative_cost and target")
 
-    ``lr_at(step)`` is the weights' learning rate at optimizer step ``step`` (the harness's
-    schedule); ``relative_cost`` and ``target`` drive the budget: each period's count when
-    ``config.target_group_sparsity`` is None, and the budget wall at the freeze.
-    Call :meth:`attach` before training and :meth:`detach` after it.
+
+_Part = tuple[CoupledRows, torch.Tensor, bool]  # coupled module, its redundant rows, is it a conv/linear writer
+
+
+@dataclass
+class _Forget:
+    """One group's half-space step: rows that lose ``delta`` and auxiliary rows scaled by ``factor``."""
+
+    subtract: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scale: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)
+
+
+class Qasso(torch.optim.Optimizer):
+    """GETA's QASSO optimizer (see the module docstring).
+
+    Args:
+        params: parameter groups (``lr``, ``weight_decay`` per group); :meth:`QassoHooks.param_groups`
+            makes the usual ones (decayed weights, the rest, quantizer parameters at ``lr_quant``).
+        model: the quantized model the parameters belong to, with a ``qasso_state`` module
+            attached (:meth:`QassoHooks.attach`).
+        groups: its QADG channel groups (:func:`jpqbench.qadg.build_groups`).
+        variant: ``"sgd"`` (with ``momentum``) or ``"adam"`` (with ``betas``, ``eps``).
+        relative_cost, target: the budget -- each period's count when
+            ``config.target_group_sparsity`` is None, and the budget wall at the freeze.
     """
 
-    def __init__(self, model: nn.Module, groups: list[PruningGroup], schedule: Schedule, config: QassoConfig,
-                 lr_at: Callable[[int], float], relative_cost: RelativeCost | None = None,
-                 target: float | None = None) -> None:
-        if config.target_group_sparsity is None and (relative_cost is None or target is None):
-            raise ValueError("without target_group_sparsity QASSO needs relative_cost and target")
-        self.groups, self.schedule, self.config = groups, schedule, config
-        self.lr_at, self.relative_cost, self.target = lr_at, relative_cost, target
+    def __init__(self, params: Iterable[dict[str, Any]], model: nn.Module, groups: list[PruningGroup],
+                 schedule: Schedule, config: QassoConfig, *, lr: float, variant: str = "sgd", momentum: float = 0.0,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 relative_cost: RelativeCost | None = None, target: float | None = None) -> None:
+        if variant not in ("sgd", "adam"):
+            raise ValueError(f"QASSO's variant must be 'sgd' or 'adam', got {variant!r}")
+        _check_budget_inputs(config, relative_cost, target)
+        if not isinstance(getattr(model, STATE_NAME, None), QassoState):
+            raise ValueError(f"the model has no {STATE_NAME} module: call QassoHooks.attach(model) first")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps))
+        self.variant = variant
+        self.model, self.groups, self.schedule, self.config = model, groups, schedule, config
+        self.relative_cost, self.target = relative_cost, target
+        self.qstate: QassoState = getattr(model, STATE_NAME)
+        self.modules = dict(model.named_modules())
+        self.layers = compressible_layers(model)
+        self.quantizer_params = {id(p) for q in learned_quantizers(model).values() for p in q.parameters()}
         self.offsets = _offsets(groups)
         self.channels = sum(g.size for g in groups)
         self.period_counts: list[int] = []
@@ -312,17 +410,284 @@ class Qasso(TrainHooks):
             per_period = target_count // schedule.pruning_periods
             self.period_counts = [per_period] * (schedule.pruning_periods - 1)
             self.period_counts.append(target_count - sum(self.period_counts))
-        self.modules = dict(model.named_modules())
-        self.layers = compressible_layers(model)
         self._zero_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------
+    # ---- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        s = int(self.qstate.step)
+        stage = self.schedule.stage(s)
+        direction = self._directions()
+        lr = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+        w_range = (self.config.weight_bits.low, self.config.weight_bits.upper(self.schedule, s))
+        a_range = None if self.config.input_bits is None else \
+            (self.config.input_bits.low, self.config.input_bits.upper(self.schedule, s))
+
+        forgetting: list[tuple[PruningGroup, list[_Part]]] = []
+        t = 0
+        if stage == "joint":
+            period, t = self.schedule.pruning_position(s)
+            if t == 0:
+                score = saliency(self.model, self.groups, self.config.saliency, lambda p: direction.get(id(p)))
+                self.qstate.redundant.copy_(select_lowest(score, self.groups, self.qstate.pruned,
+                                                          self._period_count(period, score),
+                                                          self.config.group_divisible))
+            forgetting = self._redundant_rows()
+        set_d = self._quantized_writers(forgetting)
+        skip = {id(self.layers[name].weight_quantizer.d) for name in set_d}
+
+        # quantizer parameters first (the forget step reads the updated q_m and t, as upstream);
+        # the d of a layer with redundant rows is set by the forget step instead
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self.quantizer_params and id(p) in direction and id(p) not in skip:
+                    p.add_(direction[id(p)], alpha=-group["lr"])
+        forgets = [self._forget(group, parts, t, direction, lr, w_range) for group, parts in forgetting]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self.quantizer_params and id(p) in direction:
+                    p.add_(direction[id(p)], alpha=-group["lr"])
+        for forget in forgets:
+            for param, rows, delta in forget.subtract:
+                param[rows] -= delta
+            for param, rows, factor in forget.scale:
+                param[rows] *= factor
+
+        if stage in ("projection", "joint"):
+            self._project(w_range, a_range, exclude=set_d)
+        if stage == "joint" and t == self.schedule.pruning_len - 1:
+            self._commit()
+        self._zero_pruned()
+        if s == self.schedule.cooldown_start - 1:
+            self._freeze()
+        self.qstate.step += 1
+        return loss
+
+    def _directions(self) -> dict[int, torch.Tensor]:
+        """Upstream's ``grad_variant`` of every parameter with a gradient (updates the moment buffers)."""
+        out: dict[int, torch.Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if self.variant == "sgd":
+                    if group["momentum"]:
+                        if "momentum_buffer" not in state:
+                            state["momentum_buffer"] = grad.clone()
+                        else:
+                            state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                        grad = state["momentum_buffer"]
+                else:
+                    beta1, beta2 = group["betas"]
+                    if "exp_avg" not in state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    state["exp_avg"].lerp_(grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    first = state["exp_avg"] / (1 - beta1 ** state["step"])
+                    second = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+                    grad = first / (second.sqrt() + group["eps"])
+                out[id(p)] = grad
+        return out
+
+    # ---- stage pieces ------------------------------------------------------------------
+    def _redundant_rows(self) -> list[tuple[PruningGroup, list[_Part]]]:
+        """Every group with redundant channels, with the redundant rows of each of its coupled modules
+        (and whether the module is one of the group's conv/linear writers)."""
+        out = []
+        for group, offset in zip(self.groups, self.offsets):
+            local = self.qstate.redundant[offset:offset + group.size]
+            if not local.any():
+                continue
+            parts = [(coupled, coupled.rows[local[coupled.channels]], is_layer)
+                     for coupled_rows, is_layer in ((group.layers, True), (group.norms, False))
+                     for coupled in coupled_rows]
+            out.append((group, [part for part in parts if len(part[1])]))
+        return out
+
+    def _quantized_writers(self, forgetting: list[tuple[PruningGroup, list[_Part]]]) -> set[str]:
+        """Conv/linear layers with redundant rows and a learned weight quantizer: the forget step sets their d."""
+        return {coupled.module for _, parts in forgetting for coupled, _, is_layer in parts
+                if is_layer and isinstance(self.layers[coupled.module].weight_quantizer, LearnedQuantizer)}
+
+    def _forget(self, group: PruningGroup, parts: list[_Part], t: int,
+                direction: dict[int, torch.Tensor], lr: dict[int, float], w_range: tuple[int, int]) -> _Forget:
+        """The half-space step of one group at step ``t`` of its period: sets the d of its quantized
+        layers and returns what its redundant rows lose, from the parameters before the step."""
+        remaining = self.schedule.pruning_len - t
+        eta, zeta = self.config.eta, self.config.zeta
+        forget = _Forget()
+        clip, res, grad = [], [], []
+        for coupled, rows, _ in parts:
+            if coupled.auxiliary:
+                continue
+            module = self.modules[coupled.module]
+            quantizer = getattr(module, "weight_quantizer", None)
+            for param in (module.weight, module.bias):
+                if param is None:
+                    continue
+                value = param[rows]
+                v = direction.get(id(param))
+                grad.append((v[rows] if v is not None else torch.zeros_like(value)).flatten())
+                if param is module.weight and isinstance(quantizer, LearnedQuantizer):
+                    c, r = _clip_and_residual(quantizer, value)
+                    clip.append(c.flatten()), res.append(r.flatten())
+                else:
+                    clip.append(value.flatten()), res.append(torch.zeros_like(value).flatten())
+        clip, res, grad = torch.cat(clip), torch.cat(res), torch.cat(grad)
+        g_norm, x_norm, r_norm = float(grad.norm()), float(clip.norm()), float(res.norm())
+        cos_x = float(clip @ grad) / (max(x_norm, 1e-8) * g_norm) if g_norm > 0 else math.nan
+        cos_r = float(res @ grad) / (max(r_norm, 1e-8) * g_norm) if g_norm > 0 else math.nan
+        lr_w = lr[id(self.modules[group.layers[0].module].weight)]
+        if x_norm < 1e-8 or not math.isfinite(cos_x):
+            gamma = 0.0
+        elif cos_x >= 0:
+            gamma = 1.0 / remaining
+        else:
+            gamma = -(1 - eta) * lr_w * g_norm / (cos_x * x_norm)
+        gamma = min(gamma, 1.0)
+
+        quantized = {coupled.module: self.layers[coupled.module].weight_quantizer for coupled, _, is_layer in parts
+                     if is_layer and isinstance(self.layers[coupled.module].weight_quantizer, LearnedQuantizer)}
+        bounds = {name: (float(q.step_for_bits(w_range[1])), float(q.step_for_bits(w_range[0])))
+                  for name, q in quantized.items()}
+        if quantized:
+            if gamma == 0.0 or not math.isfinite(cos_r) or cos_r >= 0:
+                steps = {name: high for name, (low, high) in bounds.items()}
+            else:
+                d = -zeta * eta * lr_w * g_norm / (gamma * cos_r * r_norm)
+                floor = max(low for low, _ in bounds.values())
+                while d < floor:
+                    gamma *= 0.8
+                    d /= 0.8
+                steps = {name: min(max(d, low), high) for name, (low, high) in bounds.items()}
+            for name, step in steps.items():
+                quantized[name].d.fill_(step)
+
+        for coupled, rows, _ in parts:
+            module = self.modules[coupled.module]
+            params = [p for p in (module.weight, module.bias) if p is not None]
+            if coupled.auxiliary:
+                factor = (remaining - 1) / remaining
+                forget.scale.extend((p, rows, factor) for p in params)
+                continue
+            quantizer = quantized.get(coupled.module)
+            for p in params:
+                values = quantizer(p[rows]) if quantizer is not None and p is module.weight else p[rows]
+                forget.subtract.append((p, rows, gamma * values))
+        return forget
+
+    def _project(self, w_range: tuple[int, int], a_range: tuple[int, int] | None, exclude: set[str]) -> None:
+        """The partial projection: every unfrozen quantizer's d into its bit range (``exclude``: weight
+        quantizers whose d the forget step set)."""
+        for name, layer in self.layers.items():
+            wq, aq = layer.weight_quantizer, layer.input_quantizer
+            if isinstance(wq, LearnedQuantizer) and not wq.frozen and name not in exclude:
+                wq.project(*w_range)
+            if a_range is not None and isinstance(aq, LearnedQuantizer) and not aq.frozen:
+                aq.project(*a_range)
+
+    def _period_count(self, period: int, score: torch.Tensor) -> int:
+        """How many channels this period marks redundant: the fixed share of the target, or (budget
+        mode) the share of the fewest further channels that, chosen by the current scores, bring the
+        counted cost at the current bit widths within the target; the last period takes all of it."""
+        if self.period_counts:
+            return self.period_counts[period]
+        pruned, divisible = self.qstate.pruned, self.config.group_divisible
+
+        def fits(count: int) -> bool:
+            chosen = pruned | select_lowest(score, self.groups, pruned, count, divisible)
+            return self.relative_cost(self.model, pruned_rows(self.groups, chosen)[0]) <= self.target
+
+        alive = [g.size - int(pruned[o:o + g.size].sum()) for g, o in zip(self.groups, self.offsets)]
+        low, high = -1, sum(a - divisible for a in alive if a > divisible)
+        if fits(0):
+            high = 0
+        while high - low > 1:  # invariant: fits(high) (or high is the most that can go), not fits(low)
+            mid = (low + high) // 2
+            if fits(mid):
+                high = mid
+            else:
+                low = mid
+        return math.ceil(high / (self.schedule.pruning_periods - period))
+
+    def _commit(self) -> None:
+        """Redundant channels of the period become pruned: zero and masked from now on."""
+        self.qstate.pruned |= self.qstate.redundant
+        self.qstate.redundant.zero_()
+        self._zero_cache = None
+        apply_pruning(self.modules, self.groups, self.qstate.pruned)
+
+    def _zero_pruned(self) -> None:
+        """Pruned rows are exactly 0.0 after every step (momentum and weight decay would move them)."""
+        if self._zero_cache is None:
+            layers, norms = pruned_rows(self.groups, self.qstate.pruned)
+            self._zero_cache = []
+            for name, rows in (*layers.items(), *norms.items()):
+                module = self.modules[name]
+                index = torch.as_tensor(rows, dtype=torch.long)
+                for param in (module.weight, module.bias):
+                    if param is not None:
+                        self._zero_cache.append((param, index))
+        for param, index in self._zero_cache:
+            param.index_fill_(0, index, 0.0)
+
+    def _freeze(self) -> None:
+        """GETA's cool-down: freeze every bit width; then the budget wall (see the module docstring)."""
+        quantizers = list(learned_quantizers(self.model).values())
+        for quantizer in quantizers:
+            quantizer.freeze()
+        if self.relative_cost is None or self.target is None:
+            return
+        while self.relative_cost(self.model, None) > self.target:
+            widest = max(quantizers, key=lambda q: int(q.frozen_bits))
+            if int(widest.frozen_bits) <= 2:
+                raise UserError(f"GETA cannot reach the budget {self.target}: every quantizer is at 2 bits and "
+                                f"the pruned model still costs {self.relative_cost(self.model, None):.4f}",
+                                "raise target_group_sparsity or the budget")
+            widest.freeze(int(widest.frozen_bits) - 1)
+
+
+def _clip_and_residual(quantizer: LearnedQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GETA's clipped values ``sign(w) min(|w|, q_m)^t`` and residual ``sign(w) (round(u) - u)``."""
+    sign = torch.sign(w)
+    v = torch.minimum(w.abs(), quantizer.q_m.abs())
+    v_t = torch.where(v > 0, torch.pow(v.clamp_min(1e-12), quantizer.t), torch.zeros_like(v))
+    u = v_t / quantizer.step()
+    return sign * v_t, sign * (torch.round(u) - u)
+
+
+# ---- into the harness's training loop ---------------------------------------------------------
+
+class QassoHooks(TrainHooks):
+    """Hands :class:`Qasso` to ``ctx.train`` (``TrainHooks.make_optimizer``) with its parameter groups.
+
+    Call :meth:`attach` before training (adds the ``qasso_state`` buffers and all-ones BN masks,
+    so a checkpoint restores into the same keys) and :meth:`detach` after it. The optimizer
+    variant, learning rate and momentum are the run's recipe (``TrainSpec``).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[PruningGroup], schedule: Schedule, config: QassoConfig,
+                 relative_cost: RelativeCost | None = None, target: float | None = None) -> None:
+        _check_budget_inputs(config, relative_cost, target)
+        self.model, self.groups, self.schedule, self.config = model, groups, schedule, config
+        self.relative_cost, self.target = relative_cost, target
+        self.optimizer: Qasso | None = None
+
     def attach(self, model: nn.Module) -> None:
-        """Add the state buffers and all-ones BN masks (so a checkpoint restores into the same keys)."""
-        model.add_module(STATE_NAME, QassoState(self.channels))
+        model.add_module(STATE_NAME, QassoState(sum(g.size for g in self.groups)))
+        modules = dict(model.named_modules())
         for group in self.groups:
             for coupled in group.norms:
-                bn = self.modules[coupled.module]
+                bn = modules[coupled.module]
                 if not hasattr(bn, "channel_mask"):
                     mask_batchnorm(bn, torch.ones(bn.num_features))
 
@@ -332,7 +697,6 @@ class Qasso(TrainHooks):
     def state(self, model: nn.Module) -> QassoState:
         return getattr(model, STATE_NAME)
 
-    # ---- TrainHooks ------------------------------------------------------------------
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         quant = {id(p) for q in learned_quantizers(model).values() for p in q.parameters()}
         decay, no_decay, quant_params = [], [], []
@@ -346,167 +710,8 @@ class Qasso(TrainHooks):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
                 {"params": quant_params, "weight_decay": 0.0, "lr": self.config.lr_quant}]
 
-    @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
-        stage = self.schedule.stage(step)
-        if stage == "warmup":
-            return
-        state = self.state(model)
-        w_range = (self.config.weight_bits.low, self.config.weight_bits.upper(self.schedule, step))
-        a_range = None if self.config.input_bits is None else \
-            (self.config.input_bits.low, self.config.input_bits.upper(self.schedule, step))
-        if stage != "cooldown":  # partial projection; the forget step below re-chooses d in its groups
-            self._project(w_range, a_range)
-        if stage == "joint":
-            period, t = self.schedule.pruning_position(step)
-            if t == 0:
-                score = saliency(model, self.groups, self.config.saliency)
-                state.redundant.copy_(select_lowest(score, self.groups, state.pruned,
-                                                    self._period_count(model, state, period, score)))
-            self._forget_step(state, t, self.lr_at(step), w_range)
-        if stage == "joint" and t == self.schedule.pruning_len - 1:
-            self._commit(state)
-        self._zero_pruned(state)
-        if step == self.schedule.cooldown_start - 1:
-            self._freeze(model)
-
-    # ---- stage pieces ----------------------------------------------------------------
-    def _project(self, w_range: tuple[int, int], a_range: tuple[int, int] | None) -> None:
-        for layer in self.layers.values():
-            wq, aq = layer.weight_quantizer, layer.input_quantizer
-            if isinstance(wq, LearnedQuantizer) and not wq.frozen:
-                wq.project(*w_range)
-            if a_range is not None and isinstance(aq, LearnedQuantizer) and not aq.frozen:
-                aq.project(*a_range)
-
-    def _forget_step(self, state: QassoState, t: int, lr: float, w_range: tuple[int, int]) -> None:
-        """The joint stage's step on every group with redundant channels (sets d of their quantized layers)."""
-        remaining = self.schedule.pruning_len - t
-        eta, zeta = self.config.eta, self.config.zeta
-        for group, offset in zip(self.groups, self.offsets):
-            local = state.redundant[offset:offset + group.size]
-            if not local.any():
-                continue
-            parts = []  # (module name, rows) of the redundant rows of each coupled module
-            clip, res, grad = [], [], []
-            for coupled in (*group.layers, *group.norms):
-                rows = coupled.rows[local[coupled.channels]]
-                if not len(rows):
-                    continue
-                parts.append((coupled.module, rows))
-                module = self.modules[coupled.module]
-                quantizer = getattr(module, "weight_quantizer", None)
-                for param in (module.weight, module.bias):
-                    if param is None:
-                        continue
-                    value = param.detach()[rows]
-                    grad.append((param.grad[rows] if param.grad is not None else torch.zeros_like(value)).flatten())
-                    if param is module.weight and isinstance(quantizer, LearnedQuantizer):
-                        c, r = _clip_and_residual(quantizer, value)
-                        clip.append(c.flatten()), res.append(r.flatten())
-                    else:
-                        clip.append(value.flatten()), res.append(torch.zeros_like(value).flatten())
-            clip, res, grad = torch.cat(clip), torch.cat(res), torch.cat(grad)
-            g_norm, x_norm, r_norm = float(grad.norm()), float(clip.norm()), float(res.norm())
-            cos_x = float(clip @ grad) / (max(x_norm, 1e-8) * g_norm) if g_norm > 0 else math.nan
-            cos_r = float(res @ grad) / (max(r_norm, 1e-8) * g_norm) if g_norm > 0 else math.nan
-            if x_norm < 1e-8 or not math.isfinite(cos_x):
-                gamma = 0.0
-            elif cos_x >= 0:
-                gamma = 1.0 / remaining
-            else:
-                gamma = -(1 - eta) * lr * g_norm / (cos_x * x_norm)
-            gamma = min(gamma, 1.0)
-            quantized = {name: self.modules[name].weight_quantizer for name, _ in parts
-                         if isinstance(getattr(self.modules[name], "weight_quantizer", None), LearnedQuantizer)}
-            bounds = {name: (float(q.step_for_bits(w_range[1])), float(q.step_for_bits(w_range[0])))
-                      for name, q in quantized.items()}
-            if quantized:
-                if gamma == 0.0 or not math.isfinite(cos_r) or cos_r >= 0:
-                    steps = {name: high for name, (low, high) in bounds.items()}
-                else:
-                    d = -zeta * eta * lr * g_norm / (gamma * cos_r * r_norm)
-                    floor = max(low for low, _ in bounds.values())
-                    while d < floor:
-                        gamma *= 0.8
-                        d /= 0.8
-                    steps = {name: min(max(d, low), high) for name, (low, high) in bounds.items()}
-                for name, step in steps.items():
-                    quantized[name].d.fill_(step)
-            for name, rows in parts:
-                module = self.modules[name]
-                quantizer = quantized.get(name)
-                if quantizer is not None:
-                    module.weight[rows] -= gamma * quantizer(module.weight[rows])
-                elif module.weight is not None:
-                    module.weight[rows] *= 1 - gamma
-                if module.bias is not None:
-                    module.bias[rows] *= 1 - gamma
-
-    def _period_count(self, model: nn.Module, state: QassoState, period: int, score: torch.Tensor) -> int:
-        """How many channels this period marks redundant: the fixed share of the target, or (budget
-        mode) the share of the fewest further channels that, chosen by the current scores, bring the
-        counted cost at the current bit widths within the target; the last period takes all of it."""
-        if self.period_counts:
-            return self.period_counts[period]
-
-        def fits(count: int) -> bool:
-            chosen = state.pruned | select_lowest(score, self.groups, state.pruned, count)
-            return self.relative_cost(model, pruned_rows(self.groups, chosen)[0]) <= self.target
-
-        alive = [g.size - int(state.pruned[o:o + g.size].sum()) for g, o in zip(self.groups, self.offsets)]
-        low, high = -1, sum(a - 1 for a in alive)  # at most: all but one channel of every group
-        if fits(0):
-            high = 0
-        while high - low > 1:  # invariant: fits(high) (or high is the most that can go), not fits(low)
-            mid = (low + high) // 2
-            if fits(mid):
-                high = mid
-            else:
-                low = mid
-        return math.ceil(high / (self.schedule.pruning_periods - period))
-
-    def _commit(self, state: QassoState) -> None:
-        """Redundant channels of the period become pruned: zero and masked from now on."""
-        state.pruned |= state.redundant
-        state.redundant.zero_()
-        self._zero_cache = None
-        apply_pruning(self.modules, self.groups, state.pruned)
-
-    def _zero_pruned(self, state: QassoState) -> None:
-        """Pruned rows are exactly 0.0 after every step (momentum and weight decay would move them)."""
-        if self._zero_cache is None:
-            layers, norms = pruned_rows(self.groups, state.pruned)
-            self._zero_cache = []
-            for name, rows in (*layers.items(), *norms.items()):
-                module = self.modules[name]
-                index = torch.as_tensor(rows, dtype=torch.long)
-                for param in (module.weight, module.bias):
-                    if param is not None:
-                        self._zero_cache.append((param, index))
-        for param, index in self._zero_cache:
-            param.index_fill_(0, index, 0.0)
-
-    def _freeze(self, model: nn.Module) -> None:
-        """GETA's cool-down: freeze every bit width; then the budget wall (see the module docstring)."""
-        quantizers = list(learned_quantizers(model).values())
-        for quantizer in quantizers:
-            quantizer.freeze()
-        if self.relative_cost is None or self.target is None:
-            return
-        while self.relative_cost(model, None) > self.target:
-            widest = max(quantizers, key=lambda q: int(q.frozen_bits))
-            if int(widest.frozen_bits) <= 2:
-                raise UserError(f"GETA cannot reach the budget {self.target}: every quantizer is at 2 bits and "
-                                f"the pruned model still costs {self.relative_cost(model, None):.4f}",
-                                "raise target_group_sparsity or the budget")
-            widest.freeze(int(widest.frozen_bits) - 1)
-
-
-def _clip_and_residual(quantizer: LearnedQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GETA's clipped values ``sign(w) min(|w|, q_m)^t`` and residual ``sign(w) (round(u) - u)``."""
-    sign = torch.sign(w)
-    v = torch.minimum(w.abs(), quantizer.q_m.abs())
-    v_t = torch.where(v > 0, torch.pow(v.clamp_min(1e-12), quantizer.t), torch.zeros_like(v))
-    u = v_t / quantizer.step()
-    return sign * v_t, sign * (torch.round(u) - u)
+    def make_optimizer(self, groups: list[dict[str, Any]], spec: TrainSpec) -> Qasso:
+        self.optimizer = Qasso(groups, self.model, self.groups, self.schedule, self.config, lr=spec.lr,
+                               variant=spec.optimizer, momentum=spec.momentum, relative_cost=self.relative_cost,
+                               target=self.target)
+        return self.optimizer

@@ -19,8 +19,8 @@ from jpqbench.learned_quant import calibrate_inputs, install_learned_quantizers,
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import CompressionPlan, plan_from_model, with_pruned, with_uniform_bits
 from jpqbench.qadg import PruningGroup, build_groups
-from jpqbench.qasso import (DEFAULT_SALIENCY, BitSchedule, Qasso, QassoConfig, Schedule, pruned_rows, saliency,
-                            select_lowest)
+from jpqbench.qasso import (DEFAULT_SALIENCY, BitSchedule, QassoConfig, QassoHooks, Schedule, prunable_channels,
+                            pruned_rows, saliency, select_lowest)
 from jpqbench.quant import FLOAT_BITS
 from jpqbench.registry import register_method
 
@@ -32,8 +32,9 @@ class Geta(Method):
     Every conv/linear gets GETA's learned quantizer (step d, range q_m, exponent t; 16 bits at
     start; jpqbench/learned_quant.py) on its weight, and in ``weight_activation`` mode on its
     input. The quantization-aware dependency graph (jpqbench/qadg.py, on torch-pruning) groups
-    coupled channels; the quantizers stay with their layers. QASSO (jpqbench/qasso.py) then
-    runs inside the harness's training loop for the run's whole epoch budget: warm-up,
+    coupled channels; the quantizers stay with their layers. QASSO (jpqbench/qasso.py), a
+    torch optimizer, then takes every step of the harness's training loop for the run's whole
+    epoch budget (the recipe's SGD with momentum or Adam as its first-order step): warm-up,
     partial projection of d (b_u from ``max_bit_wt`` down by ``bit_reduction`` per period),
     joint pruning (saliency-chosen redundant groups driven to exactly zero by the angle-based
     step while d is chosen against the quantization residual), and a cool-down with frozen
@@ -53,12 +54,13 @@ class Geta(Method):
     that rose after that (widest quantizer first). ``target_group_sparsity`` fixes the sparsity
     instead, as upstream (then only ``b_u`` is derived, at that sparsity).
 
-    Simplifications (see jpqbench/qasso.py for the full list): per-tensor quantizers as
-    upstream; the harness's optimizer (SGD with momentum or Adam, cosine schedule) takes the
-    gradient steps and QASSO acts after each; raw gradients in the angles and scores;
+    ``group_divisible`` (upstream's, default 1) keeps every group's kept channels a multiple
+    of it. Choices that differ from upstream (the full list is in jpqbench/qasso.py):
+    per-tensor quantizers as upstream; the recipe's cosine schedule sets the learning rates
+    (``lr_quant`` included); weight decay on conv/linear weights only, as for every method;
     activation quantizers are unsigned on post-ReLU inputs, initialised from calibration data
-    (upstream: from the weight's range) and projected like the weights; no auxiliary-parameter
-    decay and no ``group_divisible``.
+    (upstream: from the weight's range) and projected like the weights; the start model's
+    saliency (for the budget derivation, before any step) uses raw gradients.
     """
 
     class Hparams(Method.Hparams):
@@ -81,6 +83,7 @@ class Geta(Method):
         weight_ste_clip: float | None = Field(2.0, gt=0)
         saliency: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SALIENCY))
         calibration_batches: int = Field(4, ge=1)
+        group_divisible: int = Field(1, ge=1)
 
         @model_validator(mode="after")
         def _consistent(self) -> "Geta.Hparams":
@@ -120,19 +123,18 @@ class Geta(Method):
             weight_bits=BitSchedule(hp.min_bit_wt, hp.max_bit_wt, bits, hp.bit_reduction),
             input_bits=BitSchedule(min(hp.min_bit_act, bits), hp.max_bit_act, bits, hp.bit_reduction)
             if activations else None,
-            saliency=dict(hp.saliency))
-        base_lr = ctx.recipe.finetune_lr
-        hooks = Qasso(model, groups, schedule, config,
-                      lr_at=lambda step: base_lr * 0.5 * (1 + math.cos(math.pi * step / total)),
-                      relative_cost=lambda m, rows: _relative_cost(ctx, skeleton, m, rows, budget.metric),
-                      target=budget.target)
+            saliency=dict(hp.saliency), group_divisible=hp.group_divisible)
+        hooks = QassoHooks(model, groups, schedule, config,
+                           relative_cost=lambda m, rows: _relative_cost(ctx, skeleton, m, rows, budget.metric),
+                           target=budget.target)
         hooks.attach(model)
-        ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=base_lr)
+        ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=ctx.recipe.finetune_lr)
         pruned = int(hooks.state(model).pruned.sum())
         hooks.detach(model)
         bits_used = layer_bits(model)
         notes = {"group_sparsity": pruned / channels if channels else 0.0, "groups": len(groups),
-                 "channels": channels, "pruned_channels": pruned, "bit_range_w": [config.weight_bits.low, bits],
+                 "channels": channels, "pruned_channels": pruned, "predicted_pruned_channels": count,
+                 "bit_range_w": [config.weight_bits.low, bits],
                  "mean_w_bits": sum(b["w"] for b in bits_used.values()) / len(bits_used)}
         if activations:
             notes["bit_range_a"] = [config.input_bits.low, bits]
@@ -147,11 +149,11 @@ class Geta(Method):
         hp = self.hp
         dense = CompressionPlan.dense(skeleton)
         channels = sum(g.size for g in groups)
-        max_count = channels - len(groups)  # one channel of every group survives
+        max_count = prunable_channels(groups, hp.group_divisible)
         excluded = torch.zeros(channels, dtype=torch.bool)
 
         def cost(count: int, bits: int) -> float:
-            layers, _ = pruned_rows(groups, select_lowest(score, groups, excluded, count))
+            layers, _ = pruned_rows(groups, select_lowest(score, groups, excluded, count, hp.group_divisible))
             a_bits = bits if hp.mode == "weight_activation" else FLOAT_BITS
             return ctx.cost(skeleton, with_uniform_bits(with_pruned(dense, layers), bits, a_bits)).relative(budget.metric)
 
@@ -172,7 +174,8 @@ class Geta(Method):
             count = int(channels * hp.target_group_sparsity + 1e-9)
             if count > max_count:
                 raise UserError(f"target_group_sparsity {hp.target_group_sparsity} would prune whole groups "
-                                f"(at most {max_count} of {channels} channels can go)",
+                                f"(at most {max_count} of {channels} channels can go with "
+                                f"group_divisible={hp.group_divisible})",
                                 "choose a smaller target_group_sparsity")
             for bits in candidates:
                 if cost(count, bits) <= budget.target:
@@ -187,9 +190,10 @@ class Geta(Method):
         # none: the narrowest b_u, which needs the least pruning (fewer bits never need more)
         count = smallest_count(hp.min_bit_wt)
         if count is None:
-            raise UserError(f"GETA cannot reach budget {budget.target}: pruning all but one channel per group at "
-                            f"{hp.min_bit_wt} bits still costs {cost(max_count, hp.min_bit_wt):.4f}",
-                            "choose a larger budget, lower min_bit_wt, or mode=weight_activation")
+            raise UserError(f"GETA cannot reach budget {budget.target}: pruning all but {hp.group_divisible} "
+                            f"channel(s) per group at {hp.min_bit_wt} bits still costs "
+                            f"{cost(max_count, hp.min_bit_wt):.4f}",
+                            "choose a larger budget, lower min_bit_wt or group_divisible, or mode=weight_activation")
         return count, hp.min_bit_wt
 
 

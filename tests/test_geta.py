@@ -23,7 +23,7 @@ from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_l
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.prune import classifier_name
 from jpqbench.qadg import PruningGroup, build_groups
-from jpqbench.qasso import BitSchedule, Qasso, QassoConfig, Schedule, apply_pruning, select_lowest
+from jpqbench.qasso import BitSchedule, Qasso, QassoConfig, QassoHooks, Schedule, apply_pruning, select_lowest
 from jpqbench.registry import MODELS
 
 # small inputs: graph construction does not depend on the resolution
@@ -137,8 +137,8 @@ def _tiny_ctx(tmp_path: Path, epochs: int = 5, n: int = 256) -> RunContext:
     return RunContext(data=data, recipe=recipe, epochs=epochs, seed=0, work_dir=tmp_path)
 
 
-class _Recording(Qasso):
-    """QASSO that records every quantizer's bit width after every step."""
+class _Recording(QassoHooks):
+    """QASSO's hooks, recording every quantizer's bit width after every step of the optimizer."""
 
     log: list[tuple[int, str, dict[str, tuple[float, bool, float]]]]
 
@@ -161,7 +161,7 @@ def qasso_run(tmp_path_factory: pytest.TempPathFactory):
                                        pruning_periods=3)
     config = QassoConfig(target_group_sparsity=0.4, lr_quant=1e-3, weight_bits=BitSchedule(3, 12, 6, 2),
                          input_bits=BitSchedule(4, 12, 7, 3))
-    hooks = _Recording(model, groups, schedule, config, lr_at=lambda s: 0.02)
+    hooks = _Recording(model, groups, schedule, config)
     hooks.log = []
     hooks.attach(model)
     ctx.train(model, ctx.epochs, phase="qasso", hooks=hooks, lr=0.02)
@@ -296,7 +296,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
         if epoch == 2:
             raise Stop
     with monkeypatch.context() as patch:
-        patch.setattr(Qasso, "on_epoch_start", stop_at_epoch_2)
+        patch.setattr(QassoHooks, "on_epoch_start", stop_at_epoch_2)
         with pytest.raises(Stop):
             run(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "geta.pt").exists()
