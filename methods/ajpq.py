@@ -4,18 +4,19 @@ from __future__ import annotations
 import copy
 import time
 from itertools import islice
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from stable_baselines3 import DDPG
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise
 from torch import nn
 
-from jpqbench.ajpq_env import (AJPQEnv, BudgetWall, Episode, Policy, PolicySpace, apply_policy,
-                               calibrate_policy)
+from jpqbench.ajpq_env import (BudgetWall, ChannelControllerEnv, Episode, LayerControllerEnv, Policy, PolicySpace,
+                               apply_policy, calibrate_policy)
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
 from jpqbench.prune import ChannelGroups
@@ -42,11 +43,67 @@ class DecayingNoise(ActionNoise):
         return self.initial_sigma * self.decay ** (self.episode - self.warmup_episodes)
 
     def __call__(self) -> np.ndarray:
-        # sb3 adds the noise to the action scaled to [-1, 1]: twice its size in [0, 1] action units
+        # added to the action scaled to [-1, 1] (as sb3 does): twice its size in [0, 1] action units
         return (2.0 * self.sigma * self._rng.standard_normal(self.action_dim)).astype(np.float32)
 
-    def reset(self) -> None:  # sb3 calls it at the end of every episode
+    def reset(self) -> None:  # called at the end of every episode
         self.episode += 1
+
+
+class Controller:
+    """One controller: a stable-baselines3 DDPG agent on its own gymnasium environment, episode by episode.
+
+    sb3's ``learn()`` owns the loop of a single agent whose environment returns the reward at
+    its own step; here the layer controller's episode ends before the reward exists (the
+    channel controller acts next). So the search runs the episode loop (HAQ's) and every
+    piece of RL is sb3's: the actor (``predict``), the action scaling, the replay buffer and the
+    DDPG update (``train``). Warm-up episodes take uniformly random actions; afterwards the
+    actor's action plus :class:`DecayingNoise`, clipped (sb3's exploration for DDPG). At the
+    end of an episode every transition is stored with the episode's reward (HAQ) and, from the
+    last warm-up episode on, the agent takes one gradient step per transition (HAQ's
+    ``n_update`` = 1), so the first exploiting episode already uses a trained actor.
+    """
+
+    def __init__(self, env: LayerControllerEnv | ChannelControllerEnv, hp: "AJPQ.Hparams", steps: int,
+                 seed: int) -> None:
+        self.env = env
+        self.warmup_episodes = hp.warmup_episodes
+        self.agent = DDPG("MlpPolicy", env, learning_rate=hp.agent_lr, buffer_size=hp.episodes * steps,
+                          batch_size=hp.agent_batch_size, tau=hp.tau, gamma=hp.gamma,
+                          policy_kwargs={"net_arch": list(hp.hidden)}, seed=seed, device="cpu", verbose=0)
+        self.agent.set_logger(Logger(folder=None, output_formats=[]))
+        self.noise = DecayingNoise(env.action_space.shape[0], hp.noise, hp.noise_decay, hp.warmup_episodes, seed)
+        self.episode = 0
+        self._trajectory: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        if self.episode < self.warmup_episodes:
+            return self.agent.action_space.sample()
+        action, _ = self.agent.predict(observation, deterministic=True)
+        policy = self.agent.policy
+        return policy.unscale_action(np.clip(policy.scale_action(action) + self.noise(), -1.0, 1.0))
+
+    def run_episode(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Walk the environment once; the info of its last step."""
+        observation, _ = self.env.reset(options=options)
+        done, info = False, {}
+        while not done:
+            action = self.act(observation)
+            following, _, done, _, info = self.env.step(action)
+            self._trajectory.append((observation, action, following, done))
+            observation = following
+        return info
+
+    def end_episode(self, reward: float) -> None:
+        policy, buffer = self.agent.policy, self.agent.replay_buffer
+        for observation, action, following, done in self._trajectory:
+            buffer.add(observation[None], following[None], policy.scale_action(action)[None], np.array([reward]),
+                       np.array([done]), [{}])
+        if self.episode >= self.warmup_episodes - 1:
+            self.agent.train(gradient_steps=len(self._trajectory), batch_size=self.agent.batch_size)
+        self._trajectory = []
+        self.episode += 1
+        self.noise.reset()
 
 
 class _HeldOutReward:
@@ -105,35 +162,51 @@ class _HeldOutReward:
 
 @register_method("ajpq")
 class AJPQ(Method):
-    """AJPQ (Tang, Wei & Li, arXiv 2011.06231): pruning as 0-bit channel-wise quantization, one mixed-precision search by DDPG.
+    """AJPQ (Tang, Wei & Li, arXiv 2011.06231): pruning as 0-bit channel-wise quantization, one mixed-precision
+    search by a hierarchy of two DDPG controllers.
 
-    A DDPG agent (stable-baselines3) walks the conv/linear layers (jpqbench/ajpq_env.py); per
-    layer it picks the pruning ratio of the layer's dependency group (layer controller) and
-    ``channel_groups`` weight bit widths for the kept channels ranked by group L2 magnitude plus
-    the input bit width (channel controller). Pruned channels are the 0-bit channels of the
-    plan. A budget wall squeezes every finished policy until the harness's counter accepts it
-    (and, with ``fill_budget``, grows an under-budget one until it spends the budget), so every
-    episode -- and the result -- is within the budget. The reward is top-1 on the
-    held-out part of the training set ("val") after min/max calibration and
-    ``reward_finetune_steps`` SGD steps, minus the FP32 top-1 on the same batches. The best
-    policy found is applied to the FP32 model and fine-tuned (LSQ steps, masks fixed) for all
-    of the run's epochs; the search itself is search cost (``search_time_s``), logged per
-    episode under ``search/`` in MLflow (reward, counted cost, squeeze, best policy per layer).
+    Two stable-baselines3 DDPG agents, each on its own gymnasium environment
+    (jpqbench/ajpq_env.py): the **layer controller** walks the dependency groups and picks each
+    group's pruning ratio (its ``round(r * C)`` least important channels by group L2
+    magnitude become 0-bit channels); then the **channel controller** walks every conv/linear
+    layer with those ratios in its state and picks the layer's input bit width and the weight
+    bit width of every kept output channel, through a level and a spread over the channels
+    ranked by the same importance (more important channels never get fewer bits). The budget
+    wall then squeezes both controllers' actions together until the harness's counter accepts
+    the policy (and, with ``fill_budget``, grows an under-budget one until it spends the
+    budget), so every episode -- and the result -- is within the budget. Both controllers
+    receive the episode's reward: top-1 on the held-out part of the training set ("val")
+    after min/max calibration and ``reward_finetune_steps`` SGD steps, minus the FP32 top-1 on
+    the same batches. The best policy found is applied to the FP32 model and fine-tuned (LSQ
+    steps, masks fixed) for all of the run's epochs; the search itself is search cost
+    (``search_time_s``), logged per episode under ``search/`` in MLflow (reward, counted cost,
+    squeeze, noise, best policy per layer) and in total (episodes, evaluations, wall time).
 
-    There is no official code; every choice below is ours (HAQ/AMC lineage) and a hyperparameter
-    where it can be. One agent whose action vector holds both controllers (the paper has
-    hierarchical agents). Ratios in [0, ``max_ratio``] (AMC's 0.8); HAQ's action-to-bit mapping
-    over ``w_bit_choices`` / ``a_bit_choices`` (2..8); weights symmetric per channel, inputs
-    asymmetric per tensor (jpqbench/quant.py). The channel controller's widths go to equal
-    importance chunks, largest width to the most important chunk. The wall squeezes all actions
-    together and bisects the squeeze (HAQ lowers bits layer by layer), and ``fill_budget`` also
-    grows under-budget policies (HAQ and AMC only lower; a few dozen episodes cannot learn to
-    spend the budget). The reward is ``acc - acc_fp32`` (HAQ scales it by 0.1 and subtracts a
-    moving average in the critic update; sb3 has no such baseline), given at the last step
-    with ``gamma`` = 1 (HAQ's discount 1 with the final reward on every transition). sb3 has one
-    learning rate for actor and critic (HAQ: 1e-4 and 1e-3), and its exploration noise is a
-    clipped Gaussian (HAQ: truncated normal). The best policy is the episode with
-    the highest reward (the first on ties), kept fixed while fine-tuning.
+    The paper states the hierarchy (layer controller: layer sparsity; channel controller: a
+    bit width per kernel; one importance criterion) and RL in the HAQ/AMC/AutoQ lineage; it
+    has no code, so every detail below is ours and a hyperparameter where it can be:
+
+    * order: the layer controller walks the whole network first, then the channel
+      controller (the paper does not say whether they alternate per layer); the channel
+      controller therefore sees every layer's pruned size, the layer controller no bits;
+    * the channel controller's action is per layer (``[a_bits, w_level, w_spread]``) and is
+      turned into one width per output channel by importance rank -- an action per kernel
+      (AutoQ's low-level controller) would make an episode hundreds of steps long;
+    * importance: torch-pruning's group L2 magnitude, computed once on the FP32 model;
+    * ratios in [0, ``max_ratio``] (AMC's 0.8); HAQ's action-to-bit mapping over
+      ``w_bit_choices`` / ``a_bit_choices`` (2..8); weights symmetric per channel, inputs
+      asymmetric per tensor;
+    * the wall acts once, after both controllers, squeezing all actions together by bisection
+      (HAQ lowers bits layer by layer, AMC clips each ratio as it goes); ``fill_budget`` also
+      grows under-budget policies (HAQ and AMC only lower);
+    * transitions store the agents' raw actions (HAQ/AMC), each with the episode reward and
+      ``gamma`` = 1 (HAQ's discount); the reward is ``acc - acc_fp32`` (HAQ scales it by 0.1
+      and subtracts a moving average in the critic update; sb3's update has no baseline);
+    * sb3 has one learning rate for actor and critic (HAQ: 1e-4 and 1e-3); exploration noise
+      is a clipped Gaussian whose std decays per episode (HAQ: truncated normal); the two
+      agents are seeded ``seed`` and ``seed + 1``;
+    * the best policy is the episode with the highest reward (the first on ties), kept fixed
+      while fine-tuning.
 
     Defaults keep the search to seconds (digits) or tens of seconds (minispeech) on 2 CPU cores.
     Paper-scale values (HAQ's mit-han-lab/haq defaults): episodes 600, warmup_episodes 20,
@@ -144,19 +217,18 @@ class AJPQ(Method):
 
     class Hparams(Method.Hparams):
         episodes: int = Field(20, ge=1, description="search episodes, warm-up included")
-        warmup_episodes: int = Field(6, ge=0, description="episodes of uniformly random actions before DDPG learns")
+        warmup_episodes: int = Field(6, ge=0, description="episodes of uniformly random actions before DDPG acts")
         noise: float = Field(0.5, gt=0, le=1, description="std of the exploration noise after warm-up, in [0, 1] action units")
         noise_decay: float = Field(0.9, gt=0, le=1, description="noise std multiplier per episode after warm-up")
         w_bit_choices: tuple[int, ...] = Field((2, 3, 4, 5, 6, 7, 8), min_length=1)
         a_bit_choices: tuple[int, ...] = Field((2, 3, 4, 5, 6, 7, 8), min_length=1)
-        channel_groups: int = Field(2, ge=1, description="weight bit widths per layer (importance-ranked channel chunks)")
         max_ratio: float = Field(0.8, ge=0, lt=1, description="largest pruning ratio of a dependency group")
         fill_budget: bool = Field(True, description="the wall also grows under-budget policies up to the budget")
         calibration_batches: int = Field(8, ge=1, description="training batches calibrating the final model")
         reward_calibration_batches: int = Field(2, ge=1, description="training batches calibrating each reward's model")
         reward_finetune_steps: int = Field(2, ge=0, description="SGD steps on training batches before each reward")
         eval_batches: int = Field(3, ge=1, description="held-out (val) batches per reward")
-        agent_lr: float = Field(1e-3, gt=0)
+        agent_lr: float = Field(1e-3, gt=0, description="actor and critic learning rate of both agents")
         agent_batch_size: int = Field(64, ge=1)
         tau: float = Field(0.01, gt=0, le=1)
         gamma: float = Field(1.0, gt=0, le=1)
@@ -173,42 +245,48 @@ class AJPQ(Method):
         def _warmup_before_end(self) -> "AJPQ.Hparams":
             if self.warmup_episodes >= self.episodes:
                 raise ValueError(f"warmup_episodes ({self.warmup_episodes}) must be below episodes ({self.episodes}), "
-                                 "or the agent never acts")
+                                 "or the agents never act")
             return self
 
+    def controllers(self, space: PolicySpace, wall: BudgetWall, reward, seed: int,
+                    on_episode=None) -> tuple[Controller, Controller]:
+        """The layer and the channel controller, each with its own environment and DDPG agent."""
+        layer = Controller(LayerControllerEnv(space), self.hp, len(space.deciders), seed)
+        channel = Controller(ChannelControllerEnv(space, wall, reward, on_episode), self.hp, space.n_layers, seed + 1)
+        return layer, channel
+
     def search(self, model: nn.Module, budget: Budget, ctx: RunContext) -> tuple[Episode, dict[str, float]]:
-        """Run the DDPG search on the FP32 ``model`` (left unchanged); the best episode and the search cost."""
+        """Run the hierarchical DDPG search on the FP32 ``model`` (left unchanged); the best episode and the search cost."""
         start = time.perf_counter()
         hp = self.hp
         space = PolicySpace(model, ctx.input_shape, ChannelGroups(model, ctx.input_shape), budget.metric,
-                            hp.w_bit_choices, hp.a_bit_choices, hp.channel_groups, hp.max_ratio)
+                            hp.w_bit_choices, hp.a_bit_choices, hp.max_ratio)
         wall = BudgetWall(space, lambda plan: ctx.cost(model, plan).relative(budget.metric), budget.target,
                           fill=hp.fill_budget)
         reward = _HeldOutReward(model, ctx, hp.reward_calibration_batches, hp.reward_finetune_steps, hp.eval_batches)
-        noise = DecayingNoise(space.action_dim, hp.noise, hp.noise_decay, hp.warmup_episodes, ctx.seed)
 
         def log(episode: Episode, best: Episode) -> None:
             metrics = {"search/reward": episode.reward, "search/val_top1": episode.reward + reward.baseline,
                        "search/relative_cost": episode.relative_cost, "search/squeeze": episode.squeeze,
-                       "search/best_reward": best.reward, "search/noise_sigma": noise.sigma}
-            for name, layer in best.policy.plan.layers.items():
-                kept = [b for b in layer.channel_bits() if b]
-                metrics[f"search/best/{name}/pruned_fraction"] = len(layer.pruned) / layer.out_channels
+                       "search/best_reward": best.reward, "search/layer_noise_sigma": layer.noise.sigma,
+                       "search/channel_noise_sigma": channel.noise.sigma}
+            for name, claim in best.policy.plan.layers.items():
+                kept = [b for b in claim.channel_bits() if b]
+                metrics[f"search/best/{name}/pruned_fraction"] = len(claim.pruned) / claim.out_channels
                 metrics[f"search/best/{name}/w_bits"] = sum(kept) / len(kept)
-                metrics[f"search/best/{name}/a_bits"] = layer.a_bits
+                metrics[f"search/best/{name}/a_bits"] = claim.a_bits
             ctx.log_metrics(metrics, episode.index)
 
-        env = AJPQEnv(space, wall, reward, on_episode=log)
-        steps = space.n_layers
-        agent = DDPG("MlpPolicy", env, learning_rate=hp.agent_lr, buffer_size=hp.episodes * steps,
-                     learning_starts=hp.warmup_episodes * steps, batch_size=hp.agent_batch_size, tau=hp.tau,
-                     gamma=hp.gamma, train_freq=(1, "episode"), gradient_steps=-1, action_noise=noise,
-                     policy_kwargs={"net_arch": list(hp.hidden)}, seed=ctx.seed, device="cpu", verbose=0)
-        agent.learn(total_timesteps=hp.episodes * steps)
-        cost = {"search/episodes": len(env.episodes), "search/evaluations": reward.evaluations,
+        layer, channel = self.controllers(space, wall, reward, ctx.seed, on_episode=log)
+        for _ in range(hp.episodes):
+            layer.run_episode()
+            episode = channel.run_episode(options={"ratio_actions": layer.env.ratio_actions})["episode"]
+            layer.end_episode(episode.reward)
+            channel.end_episode(episode.reward)
+        cost = {"search/episodes": len(channel.env.episodes), "search/evaluations": reward.evaluations,
                 "search/cost_counts": wall.counts, "search/wall_s": time.perf_counter() - start}
-        ctx.log_metrics(cost, len(env.episodes))
-        return env.best, cost
+        ctx.log_metrics(cost, len(channel.env.episodes))
+        return channel.env.best, cost
 
     def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
         with ctx.search_timer():

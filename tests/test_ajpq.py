@@ -1,6 +1,7 @@
-"""AJPQ (methods/ajpq.py, jpqbench/ajpq_env.py): the budget wall holds whatever the agent does,
-ratios prune round(r*C) channels per dependency group, 0-bit channels are zero, the reward never
-sees the test split, a seed reproduces the search, and a CLI run reaches its budget."""
+"""AJPQ (methods/ajpq.py, jpqbench/ajpq_env.py): the budget wall holds whatever both controllers do,
+ratios prune round(r*C) channels per dependency group, per-channel bits follow importance, 0-bit
+channels are zero, the reward never sees the test split, both agents learn, a seed reproduces
+the search, and a CLI run reaches its budget."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import DigitsWorkspace
-from jpqbench.ajpq_env import AJPQEnv, BudgetWall, PolicySpace, apply_policy, calibrate_policy
+from jpqbench.ajpq_env import (A_BITS, CHANNEL_ACTIONS, RATIO, W_LEVEL, W_SPREAD, BudgetWall, ChannelBitsQuantizer,
+                               ChannelControllerEnv, LayerControllerEnv, PolicySpace, apply_policy, calibrate_policy)
 from jpqbench.cli import main
 from jpqbench.config import TrainRecipe
 from jpqbench.cost import count
@@ -26,6 +28,7 @@ from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan
 from jpqbench.prune import ChannelGroups
 
 MODELS = {"digits_cnn": (digits_cnn, (1, 8, 8), 10), "ds_cnn": (ds_cnn, (1, 49, 10), 12)}
+BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def _model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -34,53 +37,55 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return build(classes, shape).eval(), shape
 
 
-def _space(model: torch.nn.Module, shape: tuple[int, ...], metric: str = "bops", channel_groups: int = 2,
-           max_ratio: float = 0.8) -> PolicySpace:
-    return PolicySpace(model, shape, ChannelGroups(model, shape), metric, (2, 3, 4, 5, 6, 7, 8), (2, 3, 4, 5, 6, 7, 8),
-                       channel_groups, max_ratio)
+def _space(model: torch.nn.Module, shape: tuple[int, ...], metric: str = "bops", max_ratio: float = 0.8) -> PolicySpace:
+    return PolicySpace(model, shape, ChannelGroups(model, shape), metric, BITS, BITS, max_ratio)
 
 
-def _episode(env: AJPQEnv, actions: np.ndarray):
-    env.reset()
+def _walk(env, actions: np.ndarray, options: dict | None = None) -> dict:
+    """One episode of ``env`` with one action row per step; every state lies in the observation space."""
+    state, _ = env.reset(options=options)
+    assert env.observation_space.contains(state)
     for row in actions:
-        state, reward, terminated, truncated, _ = env.step(row)
+        state, reward, terminated, truncated, info = env.step(row)
         assert env.observation_space.contains(state)
     assert terminated and not truncated
-    return env.episodes[-1]
+    return info
 
 
-def _adversarial_actions(space: PolicySpace, rng: np.random.Generator) -> list[np.ndarray]:
+def _adversarial(shape: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
     """Extremes, out-of-range and NaN actions, and random ones (a hypothesis-style sweep)."""
-    shape = (space.n_layers, space.action_dim)
     fixed = [np.zeros(shape), np.ones(shape), np.full(shape, -3.0), np.full(shape, 7.0), np.full(shape, np.nan)]
-    mixed = np.ones(shape)
-    mixed[:, 0] = 0.0  # no pruning, highest bits: the most expensive policy
-    fixed.append(mixed)
-    randoms = [rng.uniform(-0.5, 1.5, shape) for _ in range(3)] + [rng.uniform(0, 1, shape) for _ in range(4)]
-    return fixed + randoms
+    return fixed + [rng.uniform(-0.5, 1.5, shape) for _ in range(2)] + [rng.uniform(0, 1, shape) for _ in range(3)]
 
 
 @pytest.mark.parametrize("name,metric,target", [("digits_cnn", "bops", 0.01), ("digits_cnn", "bops", 0.05),
                                                 ("digits_cnn", "size", 0.1), ("ds_cnn", "bops", 0.03),
                                                 ("ds_cnn", "size", 0.2)])
 def test_every_policy_leaving_the_environment_is_within_budget(name: str, metric: str, target: float) -> None:
+    """Whatever the raw actions of both controllers, the wall (applied after both) ends within budget."""
     model, shape = _model(name)
     space = _space(model, shape, metric)
+    layer_env = LayerControllerEnv(space)
     rng = np.random.default_rng(0)
+    layer_sweep = _adversarial((len(space.deciders), 1), rng)
+    channel_sweep = _adversarial((space.n_layers, len(CHANNEL_ACTIONS)), rng)
+    pairs = [(a, b) for a in layer_sweep[:5] for b in channel_sweep[:5]] + list(zip(layer_sweep[5:], channel_sweep[5:]))
+    # the most expensive corner: no pruning, the highest bits
+    pairs.append((np.zeros((len(space.deciders), 1)), np.ones((space.n_layers, len(CHANNEL_ACTIONS)))))
     costs = {}
     for fill in (False, True):
         wall = BudgetWall(space, lambda plan: count(model, shape, plan).relative(metric), target, fill=fill)
-        env = AJPQEnv(space, wall, reward=lambda policy: 0.0)
-        for i, actions in enumerate(_adversarial_actions(space, rng)):
-            episode = _episode(env, actions)
+        channel_env = ChannelControllerEnv(space, wall, reward=lambda policy: 0.0)
+        for i, (layer_actions, channel_actions) in enumerate(pairs):
+            _walk(layer_env, layer_actions)
+            episode = _walk(channel_env, channel_actions, {"ratio_actions": layer_env.ratio_actions})["episode"]
             counted = count(model, shape, episode.policy.plan).relative(metric)  # independently, by the harness
             assert counted == episode.relative_cost
             assert counted <= target, (fill, i, counted)
             costs[fill, i] = counted
-        rng = np.random.default_rng(0)  # the same actions for both walls
     # growing an under-budget policy never makes it cheaper, and it spends most of the budget
-    assert all(costs[True, i] >= costs[False, i] for i in range(len(costs) // 2))
-    assert min(costs[True, i] for i in range(len(costs) // 2)) > 0.5 * target
+    assert all(costs[True, i] >= costs[False, i] for i in range(len(pairs)))
+    assert min(costs[True, i] for i in range(len(pairs))) > 0.5 * target
 
 
 def test_unreachable_budget_is_refused_up_front() -> None:
@@ -90,31 +95,72 @@ def test_unreachable_budget_is_refused_up_front() -> None:
         BudgetWall(space, lambda plan: count(model, shape, plan).relative("size"), 0.01)
 
 
+def test_channel_controller_acts_after_the_layer_controller_and_sees_its_ratios() -> None:
+    """The channel controller's state at a layer holds the pruned fraction the layer controller chose."""
+    model, shape = _model("ds_cnn")
+    space = _space(model, shape)
+    channel_env = ChannelControllerEnv(space, BudgetWall(space, lambda plan: 0.0, 0.05), reward=lambda policy: 0.0)
+    with pytest.raises(ValueError, match="ratio_actions"):
+        channel_env.reset()
+    ratio_actions = np.linspace(0.2, 1.0, len(space.deciders))
+    state, _ = channel_env.reset(options={"ratio_actions": ratio_actions})
+    pruned_feature = space.static_state.shape[1]
+    for i, layer in enumerate(space.layers):
+        expected = 0.0
+        if layer.group is not None:
+            step = next(k for k, j in enumerate(space.deciders) if space.layers[j].group == layer.group)
+            expected = round(ratio_actions[step] * space.max_ratio * layer.out_channels) / layer.out_channels
+        assert state[pruned_feature] == pytest.approx(expected), layer.name
+        state, *_ = channel_env.step(np.full(len(CHANNEL_ACTIONS), 0.5))
+
+
+def test_channel_widths_follow_importance_and_span_the_choices() -> None:
+    model, shape = _model("digits_cnn")
+    space = _space(model, shape)
+    for level in np.linspace(0, 1, 11):
+        for spread in (0.0, 0.5, 1.0):
+            widths = space.channel_widths(level, spread, 16)
+            assert widths == sorted(widths, reverse=True)
+            if spread == 0.0:
+                assert len(set(widths)) == 1  # HAQ's one width per layer
+    assert set(space.channel_widths(0.0, 1.0, 16)) == {2} and set(space.channel_widths(1.0, 1.0, 16)) == {8}
+    assert len(set(space.channel_widths(0.5, 1.0, 16))) == len(BITS)  # per channel, not per layer
+    # the most important kept channel gets the most bits, whatever it is called
+    policy = space.decode(np.tile([0.5, 0.5, 0.5, 1.0], (space.n_layers, 1)))
+    for layer in space.layers:
+        bits = policy.plan.layers[layer.name].channel_bits()
+        kept = [c for c in layer.order if bits[c]]
+        assert bits[kept[0]] == max(bits) and bits[kept[-1]] == min(b for b in bits if b)
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "ds_cnn"])
 def test_ratio_prunes_round_rC_channels_per_group_and_zero_bit_channels_are_zero(name: str) -> None:
     model, shape = _model(name)
-    space = _space(model, shape, channel_groups=3)
+    space = _space(model, shape)
     rng = np.random.default_rng(1)
-    actions = rng.uniform(0, 1, (space.n_layers, space.action_dim))
-    actions[[i for i, layer in enumerate(space.layers) if not layer.decides], 0] = 1.0  # ignored: no decision there
+    actions = rng.uniform(0, 1, (space.n_layers, 4))
+    actions[[i for i, layer in enumerate(space.layers) if not layer.decides], RATIO] = 1.0  # ignored: no decision there
     policy = space.decode(actions)
     assert set(policy.plan.layers) == set(CompressionPlan.dense(model).layers)
     deciding = {layer.group: i for i, layer in enumerate(space.layers) if layer.decides}
     assert set(deciding) == {group.root for group in space.groups.groups}
-    for layer in space.layers:
+    for i, layer in enumerate(space.layers):
         pruned = policy.plan.layers[layer.name].pruned
         if layer.group is None:  # the classifier
             assert pruned == []
-            continue
-        ratio = actions[deciding[layer.group], 0] * space.max_ratio
-        assert len(pruned) == round(ratio * layer.out_channels)
-        # every layer of the dependency group loses the same channels
-        partners = [other.name for other in space.layers if other.group == layer.group]
-        assert all(policy.plan.layers[other].pruned == pruned for other in partners)
-        # more important channels (group L2 order) never get fewer bits
+        else:
+            ratio = actions[deciding[layer.group], RATIO] * space.max_ratio
+            assert len(pruned) == round(ratio * layer.out_channels)
+            # every layer of the dependency group loses the same channels: the least important ones
+            partners = [other.name for other in space.layers if other.group == layer.group]
+            assert all(policy.plan.layers[other].pruned == pruned for other in partners)
+            assert set(pruned) == set(layer.order[len(layer.order) - len(pruned):])
+        # more important channels (group L2 order) never get fewer bits, one width per kept channel
         bits = policy.plan.layers[layer.name].channel_bits()
         kept_bits = [bits[c] for c in layer.order if bits[c]]
-        assert kept_bits == sorted(kept_bits, reverse=True) and len(set(kept_bits)) <= 3
+        assert kept_bits == space.channel_widths(actions[i, W_LEVEL], actions[i, W_SPREAD], len(kept_bits))
+        assert kept_bits == sorted(kept_bits, reverse=True)
+        assert policy.plan.layers[layer.name].a_bits == space.pick(BITS, actions[i, A_BITS])
     assert any(policy.plan.layers[layer.name].pruned for layer in space.layers)
 
     apply_policy(model, policy, learn_step=True)
@@ -139,6 +185,26 @@ def test_ratio_prunes_round_rC_channels_per_group_and_zero_bit_channels_are_zero
         assert read_back.layers[layer_name].channel_bits() == claim.channel_bits()
         assert read_back.layers[layer_name].a_bits == claim.a_bits
     verify_plan(read_back, model, batch)
+
+
+def test_channel_bits_quantizer_grids_and_learns_its_steps() -> None:
+    bits = [0, 2, 3, 8, 0, 4]
+    weight = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    quantizer = ChannelBitsQuantizer(bits, learn_step=True)
+    quantizer.calibrate(weight)
+    out = quantizer(weight)
+    for c, b in enumerate(bits):
+        steps = out[c].detach() / quantizer.step[c].detach()
+        if b == 0:
+            assert out[c].abs().sum() == 0
+        else:  # integers within +-(2^(b-1) - 1), the largest magnitude on the grid's edge
+            assert torch.allclose(steps, steps.round(), atol=1e-4)
+            assert steps.abs().max().round() == 2 ** (b - 1) - 1
+    out.square().sum().backward()
+    assert quantizer.step.grad is not None and quantizer.step.grad[[1, 2, 3, 5]].abs().min() > 0
+    assert weight.grad[[0, 4]].abs().sum() == 0  # a pruned channel gets no gradient through the quantizer
+    with pytest.raises(RuntimeError, match="before calibrate"):
+        ChannelBitsQuantizer(bits, learn_step=False).eval()(weight)
 
 
 class _Forbidden(Dataset):
@@ -207,6 +273,37 @@ def test_same_seed_same_search(tmp_path: Path) -> None:
             model, Budget("bops", 0.05), ctx)
         results.append((best.index, best.reward, best.policy.actions.tolist(), best.policy.plan.to_dict()))
     assert results[0] == results[1]
+
+
+def test_both_agents_fill_their_replay_buffers_and_train_after_warmup() -> None:
+    """Both DDPG agents store every transition with the episode's reward and update their actors
+    only from the last warm-up episode on."""
+    model, shape = _model("ds_cnn")
+    space = _space(model, shape)
+    method = make_method("ajpq", {"ajpq": {"episodes": 5, "warmup_episodes": 2, "agent_batch_size": 8}})
+    wall = BudgetWall(space, lambda plan: count(model, shape, plan).relative("bops"), 0.05)
+
+    def reward(policy) -> float:  # deterministic and policy dependent: prefers keeping channels
+        return -sum(len(claim.pruned) for claim in policy.plan.layers.values()) / 100
+
+    layer, channel = method.controllers(space, wall, reward, seed=0)
+    actors = {c: [p.detach().clone() for p in c.agent.actor.parameters()] for c in (layer, channel)}
+    steps = {layer: len(space.deciders), channel: space.n_layers}
+    assert steps[layer] < steps[channel]  # the layer controller decides per group, the channel controller per layer
+    for episode in range(5):
+        layer.run_episode()
+        result = channel.run_episode(options={"ratio_actions": layer.env.ratio_actions})["episode"]
+        assert result.reward == reward(result.policy)
+        for controller in (layer, channel):
+            controller.end_episode(result.reward)
+            buffer = controller.agent.replay_buffer
+            assert buffer.size() == (episode + 1) * steps[controller]
+            assert np.allclose(buffer.rewards[:buffer.size()][-steps[controller]:], result.reward)
+            assert buffer.dones[:buffer.size()].sum() == episode + 1  # one terminal transition per episode
+            changed = any(not torch.equal(before, after)
+                          for before, after in zip(actors[controller], controller.agent.actor.parameters()))
+            assert changed == (episode >= 1), (episode, controller.env)
+    assert len(channel.env.episodes) == 5 and channel.env.best.reward == max(e.reward for e in channel.env.episodes)
 
 
 @pytest.mark.parametrize("params,match", [({"warmup_episodes": 4, "episodes": 4}, "warmup_episodes"),
