@@ -1,4 +1,5 @@
-"""Power-of-two quantizers and scheduled magnitude pruners of Zhang et al. (arXiv 2110.08271).
+"""Power-of-two quantizers and scheduled magnitude pruners of Zhang et al. (arXiv 2110.08271),
+and where they sit in a network.
 
 The building blocks of the ``noncomm`` method (upstream code: mlzxy/qsparse), written so that
 *when* each operator switches on is decided from outside (a training schedule), while *what*
@@ -16,10 +17,12 @@ it does is fixed here:
   on Zhu & Gupta's cubic schedule ``s_k = s_f * (1 - (1 - k/n)^3)``.
 * :class:`WeightPQ` -- a layer's ``weight_quantizer`` slot computing ``Q(P(W))``: unstructured
   per-layer magnitude pruning of the current weight, then per-channel quantization.
-* :class:`ActivationPQ` -- a layer's ``input_quantizer`` slot computing ``Q(P(x))``: a static
-  mask over one sample's (C, H, W) (or features) chosen from mean |activation| over a window
-  of recent batches -- the same positions are zero for every input -- then per-tensor
-  quantization.
+* :class:`ActivationPQ` -- ``Q(P(x))`` of an activation: a static mask over one sample's
+  (C, H, W) (or features) chosen from mean |activation| over a window of recent batches -- the
+  same positions are zero for every input -- then per-tensor quantization.
+* :func:`place_activation_operators` -- the paper's placement BN -> P -> Q -> ReLU: an
+  :class:`ActivationPQ` on the input of every ``nn.ReLU`` (:class:`PreActivationReLU`), found
+  on the model's torch.fx graph, and what each conv/linear layer's input then is (see there).
 
 Window statistics live in buffers, so a run resumed from an epoch checkpoint inside a window
 ends exactly as an uninterrupted one. Operators only observe or fire in training mode; in
@@ -27,9 +30,17 @@ eval mode they are pure functions of their state.
 """
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from jpqbench.errors import UserError
+from jpqbench.layers import CompressibleConv2d, CompressibleLinear, compressible_layers, observe_inputs
+from jpqbench.plan import CompressionPlan
 from jpqbench.quant import FLOAT_BITS
 
 
@@ -163,12 +174,13 @@ class WeightPQ(_MaskedQuantized):
 
 
 class ActivationPQ(_MaskedQuantized):
-    """``Q(P(x))`` for a compressible layer's ``input_quantizer`` slot.
+    """``Q(P(x))`` of an activation: before a ReLU (:class:`PreActivationReLU`) or in a
+    compressible layer's ``input_quantizer`` slot.
 
     The pruning mask has the shape of one sample (``sample_shape``: (C, H, W) or (features,))
     and is static: chosen from the mean |x| accumulated while armed to observe, then fixed for
     every input until the next pruning step. ``prunable=False`` (the network input, the
-    classifier's input) keeps the mask at ones and only quantizes.
+    classifier's input, weight-only schedules) keeps the mask at ones and only quantizes.
     """
 
     def __init__(self, sample_shape: torch.Size, bits: int, decimals: range, prunable: bool) -> None:
@@ -209,3 +221,179 @@ class ActivationPQ(_MaskedQuantized):
             self.quantizer.switch_on()
             self._switch_on = False
         return self.quantizer(pruned)
+
+
+# ---------------------------------------------------------------- placement: BN -> P -> Q -> ReLU
+class PreActivationReLU(nn.ReLU):
+    """An ``nn.ReLU`` whose input first passes through ``pre`` (an :class:`ActivationPQ`).
+
+    Made by swapping the class of the model's own ReLU module, as the compressible layers are
+    made: same module name, same place in the forward pass, no model rewrite. After a BN it
+    computes the paper's BN -> P -> Q -> ReLU; after a residual add, add -> P -> Q -> ReLU.
+    """
+
+    pre: ActivationPQ
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pre(x), inplace=self.inplace)
+
+
+# Operations that map a tensor on a power-of-two grid to a subset of the same grid (zeros stay
+# zeros): a layer reading an operator's ReLU output through these needs no quantizer of its own.
+_GRID_KEEPING_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.ZeroPad2d)
+_GRID_KEEPING_FUNCTIONS = (torch.flatten, torch.reshape)
+_GRID_KEEPING_METHODS = ("view", "reshape", "flatten", "contiguous")
+# Activations the placement has no rule for: refused rather than silently left unpruned.
+_OTHER_ACTIVATIONS = (nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                      nn.Hardswish, nn.Mish)
+
+
+class _LayerLeafTracer(fx.Tracer):
+    """torch.fx tracer that keeps the compressible layers whole (one node per layer call)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (CompressibleConv2d, CompressibleLinear)) or super().is_leaf_module(
+            module, qualified_name)
+
+
+def _keeps_grid(model: nn.Module, node: fx.Node) -> bool:
+    if len(node.all_input_nodes) != 1:
+        return False
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), _GRID_KEEPING_MODULES)
+    if node.op == "call_function":
+        return node.target in _GRID_KEEPING_FUNCTIONS
+    return node.op == "call_method" and node.target in _GRID_KEEPING_METHODS
+
+
+def _replay(model: nn.Module, path: list[fx.Node], x: torch.Tensor) -> torch.Tensor:
+    """Apply the single-input operations ``path`` of ``model``'s graph to ``x``, in order."""
+    for node in path:
+        args = fx.node.map_arg(node.args, lambda _: x)
+        kwargs = fx.node.map_arg(node.kwargs, lambda _: x)
+        if node.op == "call_module":
+            x = model.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            x = node.target(*args, **kwargs)
+        else:
+            x = getattr(args[0], node.target)(*args[1:], **kwargs)
+    return x
+
+
+@dataclass
+class Placement:
+    """Where the activation operators of one model sit, and what each layer's input is.
+
+    ``pre_activation``: ReLU module name -> the operator on that ReLU's input. ``own_input``:
+    layer -> the quantizer in its ``input_quantizer`` slot, for inputs that are not on an
+    operator's grid (the network input, a pooled classifier input). ``fed_by``: layer -> (the
+    ReLU whose output it reads, the grid-keeping graph nodes in between).
+    """
+
+    model: nn.Module
+    pre_activation: dict[str, ActivationPQ]
+    own_input: dict[str, ActivationPQ]
+    fed_by: dict[str, tuple[str, list[fx.Node]]]
+
+    def operators(self) -> list[ActivationPQ]:
+        return [*self.pre_activation.values(), *self.own_input.values()]
+
+    @torch.no_grad()
+    def claim_inputs(self, plan: CompressionPlan) -> None:
+        """Write each layer's input bits and guaranteed input sparsity into ``plan``.
+
+        A layer fed by an operator's ReLU output gets that operator's bits: a ReLU of a signed
+        ``b``-bit grid, max-pooled, flattened or zero-padded, stays on it. Its sparsity is the
+        fraction of input positions that are zero for *every* input: the operator's mask pushed
+        through the same operations (a max-pool window is surely zero only when all of it is
+        masked), so after a pooling layer the claim is below the mask's sparsity. A layer with
+        its own quantizer claims that quantizer's bits and no sparsity.
+        """
+        for name, op in self.own_input.items():
+            plan.layers[name].a_bits, plan.layers[name].a_sparsity = op.bits, op.sparsity
+        for name, (relu, path) in self.fed_by.items():
+            op = self.pre_activation[relu]
+            surely_zero = _replay(self.model, path, op.mask[None].clone()) == 0
+            plan.layers[name].a_bits, plan.layers[name].a_sparsity = op.bits, surely_zero.float().mean().item()
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return _LayerLeafTracer().trace(model)
+    except Exception as error:  # noqa: BLE001 -- any tracing failure is the same user problem
+        raise UserError(f"noncomm places its activation operators on the model's torch.fx graph, and "
+                        f"{type(model).__name__} cannot be traced ({type(error).__name__}: {str(error)[:200]})",
+                        "use a model without data-dependent control flow in forward()") from None
+
+
+def _refuse_unsupported(model: nn.Module, graph: fx.Graph, layers: dict[str, nn.Module]) -> None:
+    """A placement rule exists only for nn.ReLU modules called once and layers called once."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        functional = (node.op == "call_function" and node.target in (torch.relu, torch.relu_, F.relu)) or \
+            (node.op == "call_method" and node.target in ("relu", "relu_"))
+        if functional:
+            raise UserError(f"noncomm places P -> Q before nn.ReLU modules, but {type(model).__name__} "
+                            f"applies ReLU as a function (graph node {node.name})",
+                            "use one nn.ReLU module per activation in the model")
+        if node.op != "call_module":
+            continue
+        module = model.get_submodule(node.target)
+        if isinstance(module, _OTHER_ACTIVATIONS):
+            raise UserError(f"noncomm places P -> Q before nn.ReLU only; {node.target} is {type(module).__name__}",
+                            "use a model with ReLU activations")
+        if (type(module) is nn.ReLU or node.target in layers) and calls[node.target] > 1:
+            raise UserError(f"{type(model).__name__} calls module {node.target} {calls[node.target]} times; "
+                            "noncomm keeps one activation mask per call site",
+                            "give every activation and layer call its own module (torchvision's ResNets "
+                            "reuse one ReLU per block)")
+    missing = set(layers) - set(calls)
+    if missing:
+        raise UserError(f"layers {sorted(missing)} are never called in the forward pass",
+                        "remove them from the model")
+
+
+def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], bits: int, decimals: range,
+                               prune: bool) -> Placement:
+    """Put an :class:`ActivationPQ` before every ``nn.ReLU`` of a compressible ``model`` but the
+    last one called, and a quantizer at the input of every layer that needs its own.
+
+    The paper prunes and quantizes activations between BN and ReLU (BN -> P -> Q -> ReLU);
+    placed on the ReLU's input, the operator is exactly there after every conv-BN, and after a
+    residual add (BN + shortcut -> add -> ReLU) it prunes and quantizes the sum, as upstream's
+    MobileNetV2 does after its adds -- so the next layer's input stays on one ``bits``-bit grid
+    instead of the sum of two grids. The last ReLU stays float and unpruned, as upstream's
+    example leaves its last one; the classifier's input is then quantized, not pruned, by its
+    own quantizer, like the network input and any input not on an operator's grid (after an
+    average pool, for instance). Without ``prune`` the operators only quantize.
+    """
+    layers = compressible_layers(model)
+    graph = _trace(model)
+    _refuse_unsupported(model, graph, layers)
+    relus = [node.target for node in graph.nodes
+             if node.op == "call_module" and type(model.get_submodule(node.target)) is nn.ReLU]
+    sites = relus[:-1]
+    if prune and not sites:
+        raise UserError(f"noncomm prunes activations before nn.ReLU modules, and {type(model).__name__} "
+                        "has none besides the last one", "run it with acts=false (weights only)")
+    shapes: dict[str, torch.Size] = {}
+    observe_inputs(model, {**{name: model.get_submodule(name) for name in sites}, **layers},
+                   [torch.zeros(1, *input_shape)], lambda name, module, x: shapes.setdefault(name, x.shape[1:]))
+    pre = {name: ActivationPQ(shapes[name], bits, decimals, prunable=prune) for name in sites}
+    calls = {node.target: node for node in graph.nodes if node.op == "call_module" and node.target in layers}
+    own: dict[str, ActivationPQ] = {}
+    fed_by: dict[str, tuple[str, list[fx.Node]]] = {}
+    for name, layer in layers.items():
+        node, path = calls[name].args[0], []
+        while not (node.op == "call_module" and node.target in pre) and _keeps_grid(model, node):
+            path.append(node)
+            node = node.all_input_nodes[0]
+        if node.op == "call_module" and node.target in pre:
+            fed_by[name] = (node.target, path[::-1])
+        else:
+            own[name] = layer.input_quantizer = ActivationPQ(shapes[name], bits, decimals, prunable=False)
+    for name, op in pre.items():
+        relu = model.get_submodule(name)
+        relu.__class__ = PreActivationReLU
+        relu.pre = op
+    return Placement(model, pre, own, fed_by)

@@ -10,10 +10,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
+from jpqbench.layers import compressible_layers, make_compressible
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
-from jpqbench.plan import CompressionPlan, LayerPlan, plan_from_model
-from jpqbench.qsparse import ActivationPQ, WeightPQ, cubic_sparsity
+from jpqbench.plan import CompressionPlan, plan_from_model, with_uniform_bits
+from jpqbench.qsparse import ActivationPQ, Placement, WeightPQ, cubic_sparsity, place_activation_operators
 from jpqbench.registry import register_method
 from jpqbench.train import TrainHooks
 from jpqbench.uniform import largest_uniform_bits
@@ -98,16 +98,6 @@ def _steps_per_epoch(ctx: RunContext) -> int:
     return min(steps, ctx.recipe.max_steps_per_epoch) if ctx.recipe.max_steps_per_epoch else steps
 
 
-@torch.no_grad()
-def _inputs_in_call_order(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, torch.Size]:
-    """One sample's input shape of every compressible layer, in the order the forward pass calls them."""
-    shapes: dict[str, torch.Size] = {}
-
-    observe_inputs(model, compressible_layers(model), [torch.zeros(1, *input_shape)],
-                   lambda name, layer, x: shapes.setdefault(name, x.shape[1:]))
-    return shapes
-
-
 @register_method("noncomm")
 class NonCommutative(Method):
     """Joint power-of-two quantization and unstructured magnitude pruning of weights and activations,
@@ -118,35 +108,46 @@ class NonCommutative(Method):
     (n steps, ``s_k = s_f (1 - (1 - k/n)^3)``), then per-output-channel power-of-two fixed point
     ``clamp(trunc(W 2^d), -2^(b-1), 2^(b-1)-1) 2^-d`` with ``d`` chosen once at switch-on by least
     squared error over a window of recent tensors (straight-through gradient). Activations
-    ``Q(P(x))``: a static (C, H, W) mask from mean |x| over a window of batches, then per-tensor
-    power-of-two quantization. ``order`` picks the paper's CIFAR-10 schedule, as fractions of the
-    run's epochs (250 there): ``pq`` prunes at 115/130/145/160 and quantizes weights at 230,
-    activations at 235; ``qp`` quantizes weights at 160, activations at 170 and prunes at
-    195/210/225/240; ``q`` quantizes only. ``acts`` adds activation pruning to weight pruning.
+    BN -> P -> Q -> ReLU: a static (C, H, W) mask from mean |x| over a window of batches, then
+    per-tensor power-of-two quantization, then the ReLU. ``order`` picks the paper's CIFAR-10
+    schedule, as fractions of the run's epochs (250 there): ``pq`` prunes at 115/130/145/160 and
+    quantizes weights at 230, activations at 235; ``qp`` quantizes weights at 160, activations at
+    170 and prunes at 195/210/225/240; ``q`` quantizes only. ``acts`` adds activation pruning to
+    weight pruning.
 
     Budget: dense BOPs and dense size depend on the bit width alone, so ``bits`` (weights and
-    activations) is the largest of 8..2 whose counted cost -- the harness's counter, on the plan
-    with the configured sparsities -- is within the target, as for the uniform baselines; the
+    activations) is the largest of 8..2 whose counted cost -- the harness's counter, on a plan
+    with every layer at that width -- is within the target, as for the uniform baselines; the
     sparsities come on top and show in the sparse-aware figures (``sparse_bops``,
     ``sparse_weight_bits``).
 
     Choices the paper leaves open or that differ from upstream (each a hyperparameter or noted):
 
-    * placement: each conv/linear layer's *input* slot computes ``Q(P(x))``, i.e. after the ReLU
-      rather than between BN and ReLU. For BN -> ReLU -> conv the function is the same (a 0/1 mask
-      and a truncating signed quantizer commute with ReLU); after a residual add or pooling it
-      quantizes the tensor the layer really multiplies, so ``a_bits`` is exact. Mean |x| and the
-      MSE of ``d`` are taken after the ReLU. A tensor read by two layers (block input and
-      shortcut) gets one operator per reader;
-    * the network input (first layer called) is quantized but not pruned, and the classifier's
-      input (last layer called) is not pruned -- upstream's example excludes the last ReLU;
+    * placement (:func:`jpqbench.qsparse.place_activation_operators`): the activation operator
+      sits on the input of every ``nn.ReLU`` (found on the torch.fx graph), so after conv-BN it is
+      the paper's BN -> P -> Q -> ReLU, and mean |x| and the MSE of ``d`` are taken on the BN
+      output. In a residual block the ReLU follows the add, so the *sum* is pruned and quantized
+      (upstream's MobileNetV2 prunes and quantizes after its adds); the body's last BN output is
+      not quantized on its own, which keeps the next block's input on one ``bits``-bit grid
+      (a sum of two grids would need more). The block input read by body and shortcut has one
+      operator. Models that reuse one ReLU module, apply ReLU as a function or use other
+      activations are refused;
+    * the last ReLU called stays float and unpruned (upstream's example leaves its last one), and
+      a layer whose input is not an operator's ReLU output reached through max-pool / flatten /
+      zero-pad -- the network input, the classifier's input after average pooling, VGG7's last
+      FC -- gets its own quantizer at its input, not pruned;
+    * what the plan claims for a layer's input, where the cost counter charges activations: the
+      producing operator's ``bits`` (a ReLU of a signed b-bit grid uses b-1 bits of it; b are
+      charged, as the paper counts), and the positions that are zero for every input -- the
+      mask, or after a max-pool only the windows masked entirely. The masks' own sparsities are
+      in the plan's notes (``activation_mask_sparsity``); the measured sparsity adds the ReLU's
+      and the quantizer's zeros, which are not claimed;
     * weight importance is the current |W| at each pruning step (upstream: a running mean of
       |W| refreshed every step); masks are nested and fixed between pruning steps;
     * the window is ``window`` optimizer steps (upstream default 1 tensor); candidate ``d`` in
       ``decimal_range`` (upstream 0..19); biases stay FP32 (upstream default);
     * the run starts from the pretrained FP32 model, and all epochs are one phase with the shared
-      cosine learning rate; the quantize-only schedule uses ``qp``'s quantization points;
-    * the plan claims the masks' sparsity; quantization can add zeros that are not claimed.
+      cosine learning rate; the quantize-only schedule uses ``qp``'s quantization points.
     """
 
     class Hparams(Method.Hparams):
@@ -197,41 +198,38 @@ class NonCommutative(Method):
     def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
         make_compressible(model)
         layers = compressible_layers(model)
-        inputs = _inputs_in_call_order(model, ctx.input_shape)
-        order = list(inputs)
-        pruned_inputs = set(order[1:-1]) if self.prunes_activations else set()
-        bits = self._bits(model, budget, ctx, pruned_inputs)
+        bits = self._bits(model, budget, ctx)
         decimals = range(*self.hp.decimal_range)
-        for name, layer in layers.items():
+        placement = place_activation_operators(model, ctx.input_shape, bits, decimals, self.prunes_activations)
+        for layer in layers.values():
             layer.weight_quantizer = WeightPQ(layer.weight.shape, bits, decimals)
-            layer.input_quantizer = ActivationPQ(inputs[name], bits, decimals, prunable=name in pruned_inputs)
         steps_per_epoch = _steps_per_epoch(ctx)
         prune, weights_at, acts_at = self.hp.points()
         events = schedule_events(prune, weights_at, acts_at, ctx.epochs * steps_per_epoch)
         hooks = ScheduleHooks(events, self.hp.window, steps_per_epoch,
                               self.hp.w_sparsity if self.prunes_weights else 0.0,
                               self.hp.a_sparsity if self.prunes_activations else 0.0,
-                              [layer.weight_quantizer for layer in layers.values()],
-                              [layer.input_quantizer for layer in layers.values()])
+                              [layer.weight_quantizer for layer in layers.values()], placement.operators())
         ctx.train(model, ctx.epochs, phase="noncomm", hooks=hooks)
-        self._check_schedule_completed(layers)
+        self._check_schedule_completed(layers, placement)
+        masks = {name: op.sparsity for name, op in placement.pre_activation.items()}
         plan = plan_from_model(model, self.name, {"bits": bits, "order": self.hp.order, "acts": self.hp.acts,
-                                                  "events": [[e.step, e.kind, e.scale] for e in events]})
+                                                  "events": [[e.step, e.kind, e.scale] for e in events],
+                                                  "activation_mask_sparsity": masks})
         for name, layer in layers.items():
             plan.layers[name].w_sparsity = layer.weight_quantizer.sparsity
-            plan.layers[name].a_sparsity = layer.input_quantizer.sparsity
+        placement.claim_inputs(plan)
         return Compressed(model, plan)
 
-    def _bits(self, model: nn.Module, budget: Budget, ctx: RunContext, pruned_inputs: set[str]) -> int:
-        """The bit width: ``hp.bits`` if it meets the budget, else the largest of 8..2 that does."""
+    def _bits(self, model: nn.Module, budget: Budget, ctx: RunContext) -> int:
+        """The bit width: ``hp.bits`` if it meets the budget, else the largest of 8..2 that does.
+
+        Budgets are dense BOPs or dense size, which the sparsities do not change.
+        """
         dense = CompressionPlan.dense(model)
 
         def relative_cost(bits: int) -> float:
-            layers = {name: LayerPlan(layer.out_channels, [], bits, bits,
-                                      self.hp.w_sparsity if self.prunes_weights else 0.0,
-                                      self.hp.a_sparsity if name in pruned_inputs else 0.0)
-                      for name, layer in dense.layers.items()}
-            return ctx.cost(model, CompressionPlan(layers, self.name)).relative(budget.metric)
+            return ctx.cost(model, with_uniform_bits(dense, bits, bits)).relative(budget.metric)
 
         if self.hp.bits is None:
             return largest_uniform_bits(relative_cost, budget.target)
@@ -241,13 +239,18 @@ class NonCommutative(Method):
                             "leave bits unset (the largest within the budget is chosen) or lower it")
         return self.hp.bits
 
-    def _check_schedule_completed(self, layers: dict[str, nn.Module]) -> None:
+    def _check_schedule_completed(self, layers: dict[str, nn.Module], placement: Placement) -> None:
         """Every quantizer is on and every mask at its target: otherwise the step count was misjudged."""
         for name, layer in layers.items():
-            w, a = layer.weight_quantizer, layer.input_quantizer
-            if not (bool(w.quantizer.enabled) and bool(a.quantizer.enabled)):
-                raise RuntimeError(f"noncomm: the schedule did not switch the quantizers of {name} on")
+            w = layer.weight_quantizer
+            if not bool(w.quantizer.enabled):
+                raise RuntimeError(f"noncomm: the schedule did not switch the weight quantizer of {name} on")
             if self.prunes_weights and w.sparsity < self.hp.w_sparsity - 1 / w.mask.numel():
                 raise RuntimeError(f"noncomm: the schedule did not prune {name}'s weights to the target")
-            if a.prunable and a.sparsity < self.hp.a_sparsity - 1 / a.mask.numel():
-                raise RuntimeError(f"noncomm: the schedule did not prune {name}'s inputs to the target")
+        named = {**{f"{name} (before the ReLU)": op for name, op in placement.pre_activation.items()},
+                 **{f"{name} (input)": op for name, op in placement.own_input.items()}}
+        for name, op in named.items():
+            if not bool(op.quantizer.enabled):
+                raise RuntimeError(f"noncomm: the schedule did not switch the activation quantizer of {name} on")
+            if op.prunable and op.sparsity < self.hp.a_sparsity - 1 / op.mask.numel():
+                raise RuntimeError(f"noncomm: the schedule did not prune the activations of {name} to the target")

@@ -1,6 +1,7 @@
 """noncomm (Zhang et al., arXiv 2110.08271): the schedule fires at exactly the configured steps in
-the configured order, final sparsities equal the targets per layer, quantized tensors lie on the
-power-of-two grid, the sparse-aware cost figures, and `jpqbench run` for each order."""
+the configured order, activations are pruned and quantized between BN and ReLU on every grid
+model with an honest plan, final sparsities equal the targets per layer, quantized tensors lie
+on the power-of-two grid, the sparse-aware cost figures, and `jpqbench run` for each order."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,11 @@ from jpqbench.config import TrainRecipe
 from jpqbench.cost import count, measure_activation_sparsity
 from jpqbench.data import DataBundle, TensorSplit
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers
+from jpqbench.layers import compressible_layers, make_compressible
 from jpqbench.methods_api import Budget, RunContext, get_method
-from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, verify_plan, with_uniform_bits
-from jpqbench.qsparse import ActivationPQ, Pow2Quantizer, quantize_pow2
+from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, verify_plan, with_uniform_bits
+from jpqbench.qsparse import (ActivationPQ, Pow2Quantizer, PreActivationReLU, WeightPQ, place_activation_operators,
+                              quantize_pow2)
 from jpqbench.registry import MODELS
 
 SHAPE = (1, 8, 8)
@@ -51,11 +53,22 @@ def _context(tmp_path: Path) -> RunContext:
     return RunContext(data=data, recipe=recipe, epochs=EPOCHS, seed=0, work_dir=tmp_path)
 
 
+def _operators(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
+
+
+def _on_grid(x: torch.Tensor, bits: int, decimal: torch.Tensor) -> bool:
+    """Every entry is k * 2^-d with k a signed ``bits``-bit integer."""
+    integers = x * torch.exp2(decimal)
+    return bool(torch.equal(integers, integers.round()) and integers.min() >= -(2 ** (bits - 1))
+                and integers.max() <= 2 ** (bits - 1) - 1)
+
+
 @dataclass
 class Traced:
     model: nn.Module
     plan: CompressionPlan
-    trace: list[dict[str, dict[str, float]]]  # per training step: layer -> operator state after its forward
+    trace: list[dict[str, dict[str, float]]]  # per training step: operator -> state after its forward
     batch: torch.Tensor
 
 
@@ -67,10 +80,8 @@ def _compress(tmp_path: Path, **hparams) -> Traced:
 
     def record(module: nn.Module, args, output) -> None:
         if module.training:
-            trace.append({name: {"w_on": bool(layer.weight_quantizer.quantizer.enabled),
-                                 "a_on": bool(layer.input_quantizer.quantizer.enabled),
-                                 "w_s": layer.weight_quantizer.sparsity, "a_s": layer.input_quantizer.sparsity}
-                          for name, layer in compressible_layers(module).items()})
+            trace.append({name: {"on": bool(op.quantizer.enabled), "s": op.sparsity}
+                          for name, op in _operators(module, (WeightPQ, ActivationPQ)).items()})
 
     model.register_forward_hook(record)
     ctx = _context(tmp_path)
@@ -95,23 +106,30 @@ def _first_step(trace: list[dict], predicate) -> int | None:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_schedule_fires_at_the_configured_steps_in_order(runs: dict[str, Traced], variant: str) -> None:
     order = VARIANTS[variant]["order"]
+    prunes_acts = order != "q" and VARIANTS[variant].get("acts", True)
     prune_epochs, weights_epoch, acts_epoch = PAPER[order]
-    trace = runs[variant].trace
+    run = runs[variant]
+    trace = run.trace
     assert len(trace) == TOTAL
-    layers = list(trace[0])
-    # quantizers: off before their step, on from it on, for every layer at once
-    for key, epoch in (("w_on", weights_epoch), ("a_on", acts_epoch)):
-        for name in layers:
-            assert _first_step(trace, lambda s: s[name][key]) == _step(epoch), (key, name)
-            assert all(state[name][key] for state in trace[_step(epoch):])
-    # weight sparsity follows the cubic schedule exactly, changing only at the pruning steps
+    weights, activations = _operators(run.model, WeightPQ), _operators(run.model, ActivationPQ)
+    # digits_cnn: 4 operators before ReLUs (the last ReLU has none), own quantizers at the network and fc inputs
+    assert len(weights) == 7 and len(activations) == 6
+    assert sum(op.prunable for op in activations.values()) == (4 if prunes_acts else 0)
+    # quantizers: off before their step, on from it on, for every operator at once
+    for operators, epoch in ((weights, weights_epoch), (activations, acts_epoch)):
+        for name in operators:
+            assert _first_step(trace, lambda s: s[name]["on"]) == _step(epoch), name
+            assert all(state[name]["on"] for state in trace[_step(epoch):])
+    # weight and activation sparsity follow the cubic schedule exactly, changing only at the pruning steps
     n = len(prune_epochs)
     for step, state in enumerate(trace):
         k = sum(_step(e) <= step for e in prune_epochs)
-        expected = W_TARGET * (1 - (1 - k / n) ** 3) if n else 0.0
-        for name in layers:
-            numel = runs[variant].model.get_submodule(name).weight.numel()
-            assert state[name]["w_s"] == pytest.approx(round(expected * numel) / numel, abs=1e-9), (step, name)
+        for operators, target in ((weights, W_TARGET), (activations, A_TARGET)):
+            for name, op in operators.items():
+                pruned = order != "q" and (op.prunable if isinstance(op, ActivationPQ) else True)
+                expected = target * (1 - (1 - k / n) ** 3) if pruned else 0.0
+                numel = op.mask.numel()
+                assert state[name]["s"] == pytest.approx(round(expected * numel) / numel, abs=1e-9), (step, name)
     changes = [step for step in range(1, TOTAL) if trace[step] != trace[step - 1]]
     expected_changes = {_step(e) for e in prune_epochs} | {_step(weights_epoch), _step(acts_epoch)}
     assert set(changes) == expected_changes
@@ -119,6 +137,17 @@ def test_schedule_fires_at_the_configured_steps_in_order(runs: dict[str, Traced]
         assert max(_step(e) for e in prune_epochs) < _step(weights_epoch) < _step(acts_epoch)
     if order == "qp":
         assert _step(weights_epoch) < _step(acts_epoch) < min(_step(e) for e in prune_epochs)
+
+
+def test_orders_pq_and_qp_end_in_different_networks(runs: dict[str, Traced]) -> None:
+    pq, qp = runs["pq"], runs["qp"]
+    kinds = [[kind for _, kind, _ in run.plan.notes["events"]] for run in (pq, qp)]
+    assert kinds[0].index("weights") > kinds[0].index("prune") and kinds[1].index("weights") < kinds[1].index("prune")
+    # the masks are chosen on different weights and activations, so the orders prune different entries
+    weights = zip(_operators(pq.model, WeightPQ).values(), _operators(qp.model, WeightPQ).values())
+    assert any(not torch.equal(a.mask, b.mask) for a, b in weights)
+    relus = zip(_operators(pq.model, PreActivationReLU).values(), _operators(qp.model, PreActivationReLU).values())
+    assert any(not torch.equal(a.pre.mask, b.pre.mask) for a, b in relus)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -136,6 +165,11 @@ def test_final_sparsity_equals_the_targets_per_layer(runs: dict[str, Traced], va
         run.model(run.batch)
     for hook in hooks:
         hook.remove()
+    for name, op in _operators(run.model, PreActivationReLU).items():
+        numel = op.pre.mask.numel()
+        target = round(A_TARGET * numel) / numel if prunes_acts else 0.0
+        assert op.pre.sparsity == run.plan.notes["activation_mask_sparsity"][name] == pytest.approx(target, abs=1e-9)
+    measured = measure_activation_sparsity(run.model, [run.batch])
     for name, layer in layers.items():
         claim = run.plan.layers[name]
         numel = layer.weight.numel()
@@ -146,8 +180,9 @@ def test_final_sparsity_equals_the_targets_per_layer(runs: dict[str, Traced], va
         sample = inputs[name][0].numel()
         a_target = round(A_TARGET * sample) / sample if a_pruned else 0.0
         assert claim.a_sparsity == pytest.approx(a_target, abs=1e-9), name
-        # a static mask: the same positions are zero for every sample of the batch
+        # a static mask: the same positions are zero for every sample of the batch; the ReLU adds zeros
         assert int((inputs[name] == 0).all(dim=0).sum()) >= round(a_target * sample)
+        assert measured[name] >= claim.a_sparsity
     verify_plan(run.plan, run.model, run.batch)
 
 
@@ -155,16 +190,119 @@ def test_final_sparsity_equals_the_targets_per_layer(runs: dict[str, Traced], va
 def test_quantized_tensors_lie_on_the_power_of_two_grid(runs: dict[str, Traced], variant: str) -> None:
     run = runs[variant]
     bits = run.plan.notes["bits"]
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     for name, layer in compressible_layers(run.model).items():
         assert run.plan.layers[name].w_bits == run.plan.layers[name].a_bits == bits
         decimal = layer.weight_quantizer.quantizer.decimal.view(-1, 1, 1, 1) if layer.weight.dim() == 4 \
             else layer.weight_quantizer.quantizer.decimal.view(-1, 1)
-        integers = layer.effective_weight().detach() * torch.exp2(decimal)
-        assert torch.equal(integers, integers.round()) and integers.min() >= low and integers.max() <= high
-        x = layer.input_quantizer.eval()(torch.randn(64, *layer.input_quantizer.mask.shape) * 3)
-        integers = x * torch.exp2(layer.input_quantizer.quantizer.decimal)
-        assert torch.equal(integers, integers.round()) and integers.min() >= low and integers.max() <= high
+        assert _on_grid(layer.effective_weight().detach(), bits, decimal), name
+    for name, op in _operators(run.model, ActivationPQ).items():
+        x = op.eval()(torch.randn(64, *op.mask.shape) * 3)
+        assert _on_grid(x, bits, op.quantizer.decimal), name
+
+
+# ---------------------------------------------------------------- placement: BN -> P -> Q -> ReLU
+def test_activations_are_pruned_and_quantized_between_bn_and_relu(runs: dict[str, Traced]) -> None:
+    run = runs["pq"]
+    model, bits = run.model.eval(), run.plan.notes["bits"]
+    relus = _operators(model, nn.ReLU)
+    # every ReLU but the last carries the operator; the last (before pooling and fc) stays float
+    assert [type(relu) for relu in relus.values()] == [PreActivationReLU] * 4 + [nn.ReLU]
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def keep(name: str, key: str):
+        return lambda module, args, output: seen.setdefault(name, {}).update(
+            {key: (args[0] if key == "in" else output).detach().clone()})
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            hooks.append(module.register_forward_hook(keep(name, "bn")))
+        if isinstance(module, PreActivationReLU):
+            hooks.append(module.register_forward_hook(keep(name, "in")))
+            hooks.append(module.pre.register_forward_hook(keep(name, "pq")))
+            hooks.append(module.register_forward_hook(keep(name, "relu")))
+    with torch.no_grad():
+        model(run.batch)
+    for hook in hooks:
+        hook.remove()
+    after_bn = 0
+    for name, relu in _operators(model, PreActivationReLU).items():
+        x, pq, out = seen[name]["in"], seen[name]["pq"], seen[name]["relu"]
+        decimal, masked = relu.pre.quantizer.decimal, relu.pre.mask == 0
+        bn = [key for key, value in seen.items() if "bn" in value and torch.equal(value["bn"], x)]
+        after_bn += bool(bn)
+        # what reaches the ReLU is pruned (zero at every masked position, for every sample) and on the grid...
+        assert _on_grid(pq, bits, decimal) and masked.any() and (pq[:, masked] == 0).all()
+        assert torch.equal(out, torch.relu(pq))
+        # ...while the BN output (or the residual sum) it was made from is neither
+        assert not _on_grid(x, bits, decimal) and (x[:, masked] != 0).any()
+    assert after_bn == 3  # stem and the two block bodies; the first block's ReLU follows the residual add
+
+
+GRID_MODELS = {"digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet8": (3, 16, 16), "resnet20": (3, 16, 16),
+               "vgg7": (3, 16, 16)}
+
+
+@pytest.mark.parametrize("model_name", list(GRID_MODELS))
+def test_placement_on_every_grid_model_gives_an_honest_plan(model_name: str) -> None:
+    shape, bits = GRID_MODELS[model_name], 4
+    torch.manual_seed(0)
+    model = make_compressible(MODELS.get(model_name)(10, shape))
+    placement = place_activation_operators(model, shape, bits, range(0, 20), prune=True)
+    batch = torch.randn(8, *shape)
+    for op in placement.operators():  # one training forward prunes to 0.5 and switches every quantizer on
+        op.arm(prune_to=0.5, observe_magnitude=True, observe=True, switch_on=True)
+    model.train()(batch)
+    plan = plan_from_model(model.eval(), "noncomm")
+    placement.claim_inputs(plan)
+    verify_plan(plan, model, batch)
+    names = list(compressible_layers(model))
+    # only the network input and the classifier's input have quantizers of their own, not pruning
+    assert set(placement.own_input) == {names[0], names[-1]}
+    assert [plan.layers[name].a_sparsity for name in (names[0], names[-1])] == [0.0, 0.0]
+    for name, (relu, path) in placement.fed_by.items():
+        claim, mask_sparsity = plan.layers[name], placement.pre_activation[relu].sparsity
+        assert claim.a_bits == bits and mask_sparsity == 0.5
+        pooled = any(node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.MaxPool2d)
+                     for node in path)
+        # directly after the ReLU the claim is the mask; after a max-pool only windows masked entirely count
+        assert claim.a_sparsity == mask_sparsity if not pooled else 0 < claim.a_sparsity < mask_sparsity
+    if model_name == "vgg7":
+        assert sum(0 < plan.layers[name].a_sparsity < 0.5 for name in placement.fed_by) == 3  # the 3 pooled inputs
+
+
+class _SharedReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.relu = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.relu(self.b(self.relu(self.a(x)))))
+
+
+class _FunctionalReLU(_SharedReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.relu(self.a(x)))))
+
+
+class _SiLU(_SharedReLU):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.SiLU()
+
+
+class _DataDependent(_SharedReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x))) if x.sum() > 0 else self.c(x)
+
+
+@pytest.mark.parametrize("model, message", [(_SharedReLU(), "calls module relu 2 times"),
+                                            (_FunctionalReLU(), "applies ReLU as a function"),
+                                            (_SiLU(), "relu is SiLU"), (_DataDependent(), "cannot be traced")],
+                         ids=["shared", "functional", "silu", "untraceable"])
+def test_models_without_one_relu_module_per_activation_are_refused(model: nn.Module, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        place_activation_operators(make_compressible(model), (4,), 4, range(0, 8), prune=True)
 
 
 def test_quantizer_truncates_saturates_and_passes_gradients_straight_through() -> None:
