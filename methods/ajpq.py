@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import time
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -248,8 +248,8 @@ class AJPQ(Method):
                                  "or the agents never act")
             return self
 
-    def controllers(self, space: PolicySpace, wall: BudgetWall, reward, seed: int,
-                    on_episode=None) -> tuple[Controller, Controller]:
+    def controllers(self, space: PolicySpace, wall: BudgetWall, reward: Callable[[Policy], float], seed: int,
+                    on_episode: Callable[[Episode, Episode], None] | None = None) -> tuple[Controller, Controller]:
         """The layer and the channel controller, each with its own environment and DDPG agent."""
         layer = Controller(LayerControllerEnv(space), self.hp, len(space.deciders), seed)
         channel = Controller(ChannelControllerEnv(space, wall, reward, on_episode), self.hp, space.n_layers, seed + 1)
