@@ -20,7 +20,7 @@ from jpqbench.config import TrainRecipe
 from jpqbench.cost import count, measure_activation_sparsity
 from jpqbench.data import DataBundle, TensorSplit
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, verify_plan, with_uniform_bits
 from jpqbench.qsparse import (ActivationPQ, Pow2Quantizer, PreActivationReLU, WeightPQ, place_activation_operators,
@@ -256,6 +256,11 @@ def test_placement_on_every_grid_model_gives_an_honest_plan(model_name: str) -> 
     plan = plan_from_model(model.eval(), "noncomm")
     placement.claim_inputs(plan)
     verify_plan(plan, model, batch)
+    inputs: dict[str, torch.Tensor] = {}
+    observe_inputs(model, compressible_layers(model), [batch], lambda name, layer, x: inputs.setdefault(name, x))
+    for name, (relu, _) in placement.fed_by.items():  # on the producing operator's grid, ReLU'd
+        x, decimal = inputs[name], placement.pre_activation[relu].quantizer.decimal
+        assert _on_grid(x, bits, decimal) and x.min() >= 0, name
     names = list(compressible_layers(model))
     # only the network input and the classifier's input have quantizers of their own, not pruning
     assert set(placement.own_input) == {names[0], names[-1]}
