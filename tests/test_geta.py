@@ -23,7 +23,9 @@ from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_l
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.prune import classifier_name
 from jpqbench.qadg import PruningGroup, build_groups
-from jpqbench.qasso import BitSchedule, Qasso, QassoConfig, QassoHooks, Schedule, apply_pruning, select_lowest
+from jpqbench.qasso import (BitSchedule, Qasso, QassoConfig, QassoHooks, Schedule, apply_pruning, prunable_channels,
+                            select_lowest)
+from jpqbench.train import TrainHooks, TrainSpec
 from jpqbench.registry import MODELS
 
 # small inputs: graph construction does not depend on the resolution
@@ -138,14 +140,18 @@ def _tiny_ctx(tmp_path: Path, epochs: int = 5, n: int = 256) -> RunContext:
 
 
 class _Recording(QassoHooks):
-    """QASSO's hooks, recording every quantizer's bit width after every step of the optimizer."""
+    """QASSO's hooks, recording after every step of the optimizer every quantizer's bit width and
+    (zero channels, pruned channels, redundant channels)."""
 
     log: list[tuple[int, str, dict[str, tuple[float, bool, float]]]]
+    masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
         self.log.append((step, self.schedule.stage(step), {
             name: (q.bit_width().item(), q.frozen, q.q_m.item()) for name, q in learned_quantizers(model).items()}))
+        state = self.state(model)
+        self.masks.append((_channel_is_zero(model, self.groups), state.pruned.clone(), state.redundant.clone()))
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +168,10 @@ def qasso_run(tmp_path_factory: pytest.TempPathFactory):
     config = QassoConfig(target_group_sparsity=0.4, lr_quant=1e-3, weight_bits=BitSchedule(3, 12, 6, 2),
                          input_bits=BitSchedule(4, 12, 7, 3))
     hooks = _Recording(model, groups, schedule, config)
-    hooks.log = []
+    hooks.log, hooks.masks = [], []
     hooks.attach(model)
     ctx.train(model, ctx.epochs, phase="qasso", hooks=hooks, lr=0.02)
+    assert isinstance(hooks.optimizer, Qasso) and int(hooks.optimizer.qstate.step) == 40  # QASSO took every step
     state = copy.deepcopy(hooks.state(model))
     hooks.detach(model)
     return model, groups, schedule, config, hooks, state
@@ -304,6 +311,253 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     assert resumed[1] == reference[1]
     assert resumed[0].keys() == reference[0].keys()
     assert all(torch.equal(resumed[0][k], reference[0][k]) for k in reference[0])
+
+
+def test_redundant_channels_are_exactly_zero_at_the_end_of_every_period(qasso_run) -> None:
+    """During a period the redundant channels shrink but live; at its last step they become exactly
+    0.0 and stay so; at the end of the joint stage every channel ever marked redundant is zero."""
+    _, groups, schedule, config, hooks, _ = qasso_run
+    marked = torch.zeros(sum(g.size for g in groups), dtype=torch.bool)
+    for step, (zero, pruned, redundant) in enumerate(hooks.masks):
+        marked |= redundant
+        assert bool(zero[pruned].all())  # pruned channels are exactly zero after every step
+        if schedule.stage(step) != "joint":
+            continue
+        period, t = schedule.pruning_position(step)
+        if t < schedule.pruning_len - 1:
+            assert redundant.any() and not bool(zero[redundant].all())  # shrinking, not yet zero
+        else:
+            assert not redundant.any() and torch.equal(pruned, marked)  # committed: zero from now on
+            assert int(pruned.sum()) == sum(hooks.optimizer.period_counts[:period + 1])
+    end = schedule.cooldown_start - 1
+    assert torch.equal(hooks.masks[end][1], marked) and bool(hooks.masks[end][0][marked].all())
+    assert int(marked.sum()) == int(sum(g.size for g in groups) * config.target_group_sparsity)
+
+
+# ---- the optimizer on tiny tensors ---------------------------------------------------------
+
+class _TwoConv(nn.Module):
+    """conv1 -> BN -> ReLU -> conv2 -> BN -> ReLU -> mean -> fc: two channel groups and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean(dim=(2, 3)))
+
+
+def _tiny_qasso(schedule: Schedule, variant: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                weight_decay: float = 1e-2, lr_quant: float = 1e-3, model: nn.Module | None = None,
+                bits: BitSchedule = BitSchedule(4, 12, 8, 4)) -> tuple[nn.Module, list[PruningGroup], QassoHooks]:
+    torch.manual_seed(0)
+    model = model or _TwoConv()
+    install_learned_quantizers(model)
+    groups = build_groups(model, (1, 6, 6))
+    hooks = QassoHooks(model, groups, schedule, QassoConfig(0.25, lr_quant, bits, None))
+    hooks.attach(model)
+    spec = TrainSpec(epochs=1, lr=lr, batch_size=1, optimizer=variant, momentum=momentum, weight_decay=weight_decay)
+    hooks.make_optimizer(hooks.param_groups(model, lr, weight_decay), spec)
+    return model, groups, hooks
+
+
+def _set_grads(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.randn(param.shape, generator=gen)
+
+
+def test_warmup_step_is_sgd_with_momentum_and_adam() -> None:
+    """In the warm-up every parameter (quantizer parameters at lr_quant) moves exactly as
+    torch.optim.SGD with momentum and L2 weight decay, or torch.optim.Adam, would move it."""
+    schedule = Schedule.from_fractions(20, warmup=0.5, projection=0.2, pruning=0.2, projection_periods=1,
+                                       pruning_periods=1)
+    for variant, reference in (("sgd", lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9)),
+                               ("adam", lambda g: torch.optim.Adam(g, lr=0.1))):
+        model, _, hooks = _tiny_qasso(schedule, variant)
+        qasso, twin = hooks.optimizer, copy.deepcopy(model)
+        ref = reference(hooks.param_groups(twin, 0.1, 1e-2))
+        for step in range(3):
+            _set_grads(model, step), _set_grads(twin, step)
+            qasso.step(), ref.step()
+            for (name, got), expected in zip(model.named_parameters(), twin.parameters()):
+                assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7), (variant, step, name)
+
+
+def test_joint_step_sgd_on_important_groups_half_space_step_on_redundant_rows() -> None:
+    """In the joint stage the important groups take exactly SGD with momentum by hand; redundant
+    rows additionally lose gamma Q(w) (gamma = 1/(L - t) when the direction points along the
+    values) from their value before the step, and their layer's d is set to d(b_l)."""
+    schedule = Schedule.from_fractions(20, warmup=0.0, projection=0.2, pruning=0.5, projection_periods=1,
+                                       pruning_periods=1)
+    model, groups, hooks = _tiny_qasso(schedule)
+    qasso = hooks.optimizer
+    lr, mu, wd = 0.1, 0.9, 1e-2
+    t = 2
+    qasso.qstate.step.fill_(schedule.pruning_start + t)  # inside the period: no new selection
+    first = next(i for i, g in enumerate(groups) if g.root == "conv1")
+    offset = sum(g.size for g in groups[:first])
+    qasso.qstate.redundant[offset:offset + 2] = True  # channels 0 and 1 of conv1's group
+    rows = torch.tensor([0, 1])
+    important = {"conv2.weight", "conv2.bias", "bn2.weight", "bn2.bias", "fc.weight", "fc.bias"}
+    params = dict(model.named_parameters())
+    buffers = {name: None for name in params}
+    for step in range(3):
+        _set_grads(model, step)
+        with torch.no_grad():  # the redundant rows' direction points along their values: cos(x, v) > 0
+            for name in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"):
+                params[name].grad[rows] = params[name][rows]
+        before = {name: p.detach().clone() for name, p in params.items()}
+        expected = {}
+        for name, p in params.items():
+            v = p.grad + (wd * before[name] if p.dim() > 1 else 0)
+            buffers[name] = v.clone() if buffers[name] is None else buffers[name] * mu + v
+            expected[name] = before[name] - lr * buffers[name]
+        qasso.step()
+        for name in important:  # SGD with momentum by hand
+            assert torch.allclose(params[name], expected[name], rtol=1e-6, atol=1e-7), (step, name)
+        if step == 0:  # the half-space step on the redundant rows (first step: no momentum history)
+            gamma = 1 / (schedule.pruning_len - t)
+            quantizer = model.conv1.weight_quantizer
+            assert float(quantizer.d.detach()) == pytest.approx(float(quantizer.step_for_bits(4).detach()))  # d(b_l)
+            with torch.no_grad():
+                forget = {"conv1.weight": quantizer(before["conv1.weight"][rows])}
+            for name in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"):
+                lost = gamma * forget.get(name, before[name][rows])
+                assert torch.allclose(params[name][rows], expected[name][rows] - lost, rtol=1e-6, atol=1e-7), name
+                assert torch.allclose(params[name][2:], expected[name][2:], rtol=1e-6, atol=1e-7), name
+
+
+def test_d_stays_inside_the_projected_interval_after_every_projection_step() -> None:
+    """Huge steps on d in both directions (lr_quant 10): after every projection step each weight
+    quantizer's d is inside [d(b_u), d(b_l)] for that period's b_u (12, then 8), and both ends are reached."""
+    schedule = Schedule.from_fractions(20, warmup=0.0, projection=0.5, pruning=0.2, projection_periods=2,
+                                       pruning_periods=1)
+    bits = BitSchedule(4, 12, 8, 4)
+    model, _, hooks = _tiny_qasso(schedule, lr_quant=10.0)
+    qasso = hooks.optimizer
+    quantizers = learned_quantizers(model)
+    hit_low = hit_high = 0
+    for step in range(schedule.pruning_start):
+        _set_grads(model, step)
+        for q in quantizers.values():  # q_m and t still; d pushed far out of range, both ways
+            q.d.grad = torch.tensor(1e3 if step % 3 else -1e3)
+            q.q_m.grad, q.t.grad = torch.zeros(()), torch.zeros(())
+        qasso.step()
+        upper = bits.upper(schedule, step)
+        assert upper == (12 if step < 5 else 8)
+        for name, q in quantizers.items():
+            low, high = float(q.step_for_bits(upper).detach()), float(q.step_for_bits(bits.low).detach())
+            d = float(q.d.detach())
+            assert low * (1 - 1e-6) <= d <= high * (1 + 1e-6), (step, name, d, low, high)
+            assert bits.low - 1e-6 <= float(q.bit_width().detach()) <= upper + 1e-6
+            hit_low += d == pytest.approx(low)
+            hit_high += d == pytest.approx(high)
+    assert hit_low and hit_high
+
+
+class _Concat(nn.Module):
+    """Two convs concatenated into one BN (DenseNet-style): that BN is auxiliary in both groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 3, 3, padding=1)
+        self.bb, self.bn = nn.BatchNorm2d(3), nn.BatchNorm2d(7)
+        self.conv2, self.fc = nn.Conv2d(7, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(torch.cat([self.a(x), torch.relu(self.bb(self.b(x)))], dim=1)))
+        return self.fc(self.conv2(x).mean(dim=(2, 3)))
+
+
+def test_batchnorm_behind_a_concat_is_auxiliary_and_decays_linearly() -> None:
+    schedule = Schedule.from_fractions(20, warmup=0.0, projection=0.2, pruning=0.5, projection_periods=1,
+                                       pruning_periods=1)
+    model, groups, hooks = _tiny_qasso(schedule, model=_Concat(), weight_decay=0.0, momentum=0.0)
+    qasso = hooks.optimizer
+    flags = {(g.root, c.module): c.auxiliary for g in groups for c in (*g.layers, *g.norms)}
+    assert flags == {("a", "a"): False, ("a", "bn"): True, ("b", "b"): False, ("b", "bb"): False,
+                     ("b", "bn"): True, ("conv2", "conv2"): False}
+    b_group = next(i for i, g in enumerate(groups) if g.root == "b")
+    offset = sum(g.size for g in groups[:b_group])
+    qasso.qstate.redundant[offset + 1] = True  # channel 1 of b: row 1 of bb, row 4 + 1 of the concat BN
+    length = schedule.pruning_len
+    for t in range(1, length):  # from t = 1: the period's first step would choose its own redundant channels
+        qasso.qstate.step.fill_(schedule.pruning_start + t)
+        _set_grads(model, t)
+        before = model.bn.weight.detach().clone()
+        qasso.step()
+        if t < length - 1:
+            expected = (before[5] - 0.1 * model.bn.weight.grad[5]) * (length - t - 1) / (length - t)
+            assert float(model.bn.weight[5]) == pytest.approx(float(expected), rel=1e-6)
+            assert float(model.bn.weight[4]) == pytest.approx(float(before[4] - 0.1 * model.bn.weight.grad[4]))
+    assert float(model.bn.weight[5]) == 0.0 and float(model.bb.weight[1]) == 0.0  # pruned at the period's end
+    assert bool((model.b.weight[1] == 0).all()) and not bool((model.b.weight[0] == 0).all())
+
+
+def test_group_divisible_keeps_multiples_of_k() -> None:
+    groups = [PruningGroup(f"g{i}", size, (), ()) for i, size in enumerate((5, 8, 2, 6))]
+    channels = sum(g.size for g in groups)
+    score = torch.rand(channels, generator=torch.Generator().manual_seed(0))
+    none = torch.zeros(channels, dtype=torch.bool)
+    assert prunable_channels(groups, 2) == 3 + 6 + 0 + 4
+    for count in range(channels + 1):
+        chosen = select_lowest(score, groups, none, count, divisible=2)
+        assert int(chosen.sum()) <= count
+        offset = 0
+        for group in groups:
+            taken = int(chosen[offset:offset + group.size].sum())
+            kept = group.size - taken
+            assert kept >= min(2, group.size) and (taken == 0 or kept % 2 == 0), (count, group.root, kept)
+            if group.size <= 2:
+                assert taken == 0
+            offset += group.size
+    exact = select_lowest(score, groups, none, 9)  # divisible=1: exactly the count, one channel per group left
+    assert int(exact.sum()) == 9
+
+
+def test_group_divisible_reaches_the_plan(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+    ctx = _tiny_ctx(tmp_path, epochs=3, n=128)
+    compressed = get_method("geta")(group_divisible=4).compress(model, Budget("bops", 0.05), ctx)
+    assert ctx.cost(compressed.model, compressed.plan).relative_bops <= 0.05 * 1.10
+    assert compressed.plan.notes["pruned_channels"] > 0
+    for layer in compressed.plan.layers.values():
+        kept = layer.out_channels - len(layer.pruned)
+        assert kept == layer.out_channels or kept % 4 == 0
+
+
+def test_make_optimizer_hook_supplies_the_optimizer_that_steps(tmp_path: Path) -> None:
+    """A hook's optimizer takes every step in place of the harness's (whose SGD would move the
+    weights): here one that only counts, so the weights must not move."""
+    class Counting(torch.optim.Optimizer):
+        def __init__(self, groups):
+            super().__init__(groups, {"lr": 0.1})
+            self.steps = 0
+
+        def step(self, closure=None):
+            self.steps += 1
+
+    class Hooks(TrainHooks):
+        def make_optimizer(self, groups, spec):
+            self.optimizer = Counting(groups)
+            return self.optimizer
+
+    ctx = _tiny_ctx(tmp_path, epochs=4, n=64)  # two phases of 2 epochs
+    model = MODELS.get("digits_cnn")(4, (1, 8, 8))
+    start = copy.deepcopy(model.state_dict())
+    hooks = Hooks()
+    ctx.train(model, 2, phase="counting", hooks=hooks)
+    assert hooks.optimizer.steps == 2 * 2  # 64 samples, batch 32, 2 epochs
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items() if "running" not in k
+               and "num_batches" not in k)
+    ctx.train(model, 2, phase="default", hooks=TrainHooks())  # None: the harness's SGD, which moves them
+    assert not torch.equal(model.fc.weight, start["fc.weight"])
 
 
 # ---- end to end through the CLI ------------------------------------------------------------
