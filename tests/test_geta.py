@@ -491,11 +491,12 @@ def test_batchnorm_behind_a_concat_is_auxiliary_and_decays_linearly() -> None:
         _set_grads(model, t)
         before = model.bn.weight.detach().clone()
         qasso.step()
+        after, grad = model.bn.weight.detach(), model.bn.weight.grad
         if t < length - 1:
-            expected = (before[5] - 0.1 * model.bn.weight.grad[5]) * (length - t - 1) / (length - t)
-            assert float(model.bn.weight[5]) == pytest.approx(float(expected), rel=1e-6)
-            assert float(model.bn.weight[4]) == pytest.approx(float(before[4] - 0.1 * model.bn.weight.grad[4]))
-    assert float(model.bn.weight[5]) == 0.0 and float(model.bb.weight[1]) == 0.0  # pruned at the period's end
+            expected = (before[5] - 0.1 * grad[5]) * (length - t - 1) / (length - t)
+            assert float(after[5]) == pytest.approx(float(expected), rel=1e-6)
+            assert float(after[4]) == pytest.approx(float(before[4] - 0.1 * grad[4]))  # channel 0 of b: plain SGD
+    assert float(model.bn.weight[5].detach()) == 0.0 and float(model.bb.weight[1].detach()) == 0.0  # pruned
     assert bool((model.b.weight[1] == 0).all()) and not bool((model.b.weight[0] == 0).all())
 
 
