@@ -55,8 +55,8 @@ class Geta(Method):
     instead, as upstream (then only ``b_u`` is derived, at that sparsity).
 
     ``group_divisible`` (upstream's, default 1) keeps every group's kept channels a multiple
-    of it. Choices that differ from upstream (the full list is in jpqbench/qasso.py):
-    per-tensor quantizers as upstream; the recipe's cosine schedule sets the learning rates
+    of it. Quantizers are per tensor, as upstream. Choices that differ from upstream (the full
+    list is in jpqbench/qasso.py): the recipe's cosine schedule sets the learning rates
     (``lr_quant`` included); weight decay on conv/linear weights only, as for every method;
     activation quantizers are unsigned on post-ReLU inputs, initialised from calibration data
     (upstream: from the weight's range) and projected like the weights; the start model's
