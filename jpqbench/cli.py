@@ -4,7 +4,7 @@
     jpqbench prepare   --dataset D
     jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
     jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size] --seed S
-                       [--epochs N] [--checkpoint CKPT] [--out DIR]
+                       [--epochs N] [--checkpoint CKPT] [--out DIR] [--nproc N]
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
     jpqbench aggregate [--out results/summary.csv]
@@ -77,8 +77,23 @@ def _budgets(args: argparse.Namespace) -> list:
     return [Budget(args.budget_metric, target) for target in args.budget] if args.budget else [None]
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N``, for the processes torchrun starts."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def cmd_run(args: argparse.Namespace) -> int | None:
     _import_training_stack()
+    from jpqbench.distributed import check_launch, is_main_process, launch, world_size
+    from jpqbench.methods_api import get_method
     from jpqbench.grid import GridPoint
     from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, load_data, run, validate_request
 
@@ -94,11 +109,24 @@ def cmd_run(args: argparse.Namespace) -> None:
                            Path(args.out) if args.out else
                            default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, args.seed)),
                            args.epochs, pretrain_if_missing=not args.checkpoint) for budget in budgets]
+    if args.nproc is not None and args.nproc > 1 and world_size() > 1:
+        raise UserError("--nproc was given inside a torchrun launch", "use either torchrun or --nproc, not both")
+    if args.nproc is not None and args.nproc > 1:  # validated here once, then launched under torchrun
+        for request in requests:
+            validate_request(config, request)
+            check_launch(request.method, get_method(request.method), config.recipe(args.dataset, model).batch_size,
+                         processes=args.nproc)
+            if not request.checkpoint.exists():
+                raise UserError(f"FP32 checkpoint {request.checkpoint} does not exist and a distributed run does "
+                                "not pretrain it on the fly", "run `jpqbench pretrain` first")
+        return launch(args.nproc, _without_nproc(args.argv))  # torchrun's exit status
     for request in requests:
         validate_request(config, request)
     data = load_data(config, args.dataset)
     for request in requests:  # one process for several budgets: start-up and data loading are paid once
         metrics = run(config, request, data)
+        if not is_main_process():  # under torchrun, rank 0 reports
+            continue
         budget, out = request.budget, request.out
         target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
         print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, budget {target}): "
@@ -199,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the config's compression epochs")
     p.add_argument("--checkpoint", help="FP32 checkpoint (default: the grid's; pretrained if absent)")
     p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<model>/<method>/<budget>/s<seed>)")
+    p.add_argument("--nproc", type=int, help="train data-parallel in N local processes (launches torchrun; "
+                   "the recipe's batch_size is the global batch)")
     p.set_defaults(func=cmd_run)
 
     p = command("cost", help="MACs, BOPs, weight bits and parameter counts of a model (and plan)")
@@ -231,18 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command == "cost" and not (args.dataset or args.input_shape):
         print("error: cost needs --dataset or --input-shape\n  fix: e.g. --dataset digits", file=sys.stderr)
         return 2
     try:
-        args.func(args)
+        status = args.func(args)  # None, or a launched torchrun's exit status
     except UserError as error:
         print(f"error: {error.problem}\n  fix: {error.fix}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
         print(f"error: the run diverged: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

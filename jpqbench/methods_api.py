@@ -137,6 +137,9 @@ class Method:
 
     name: ClassVar[str] = ""
     takes_budget: ClassVar[bool] = True  # False for references such as fp32
+    # False when the method cannot train data-parallel under torchrun (a global search or
+    # projection that DDP's averaged gradients would not reproduce); such a launch is refused
+    distributed: ClassVar[bool] = True
 
     class Hparams(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

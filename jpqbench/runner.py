@@ -34,6 +34,7 @@ from torch import nn
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle
+from jpqbench.distributed import check_launch, is_main_process, world_size
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
 from jpqbench.grid import GridPoint
@@ -100,6 +101,8 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
         tracker.log_params({**recipe.model_dump(), "seed": seed})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
+        if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 writes
+            return {}
         figures = {"val_top1": result.history[-1]["val_top1"], "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
                    "wall_time_s": time.perf_counter() - wall_start}
         tracker.log_metrics(figures, recipe.pretrain_epochs)
@@ -157,6 +160,10 @@ def validate_request(config: BenchConfig, request: RunRequest) -> None:
         raise UserError(f"method {request.method!r} is a reference and takes no budget", "omit --budget")
     if request.epochs is not None and request.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {request.epochs}", "pass a positive number of epochs")
+    check_launch(request.method, method_cls, config.recipe(request.dataset, request.model).batch_size)
+    if world_size() > 1 and request.pretrain_if_missing and not request.checkpoint.exists():
+        raise UserError(f"FP32 checkpoint {request.checkpoint} does not exist and a distributed run does not "
+                        "pretrain it on the fly", "run `jpqbench pretrain` first (it may run under torchrun too)")
 
 
 def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None) -> dict[str, Any]:
@@ -190,6 +197,8 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
                          log_metrics=tracker.log_metrics)
         compressed = method.compress(model, budget, ctx)
+        if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 finishes
+            return {}
         compressed.plan.method = request.method
         if recipe.bn_recalibration_batches:  # the same for every method: part of the recipe
             recalibrate_batchnorm(compressed.model, ctx.calibration_batches(recipe.bn_recalibration_batches))

@@ -18,7 +18,6 @@ optimizer, schedule, data order, checkpointing and accounting.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from jpqbench.data import DataBundle
+from jpqbench.distributed import all_finite, all_sum, is_main_process, shard_steps, training_group
 from jpqbench.evaluate import evaluate
 
 
@@ -115,7 +115,8 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
     optimizer = hooks.make_optimizer(groups, spec)
     if optimizer is None:
         optimizer = _make_optimizer(groups, spec)
-    steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
+    # under torchrun: batch_size is the global batch, split over the processes (jpqbench.distributed)
+    batch_size, steps_per_epoch = shard_steps(len(data.train), spec.batch_size)
     if spec.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, spec.epochs * steps_per_epoch))
@@ -130,44 +131,46 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
         start_epoch = state["epoch"] + 1
     progress = tqdm(range(start_epoch, spec.epochs), desc=phase, leave=False,
                     disable=not sys.stderr.isatty(), initial=start_epoch, total=spec.epochs)
-    for epoch in progress:
-        wall_start = time.perf_counter()
-        model.train()
-        hooks.on_epoch_start(model, epoch)
-        loss_sum, correct, seen, step = 0.0, 0, 0, epoch * steps_per_epoch
-        loader = data.loader("train", spec.batch_size, shuffle=True, generator=_epoch_generator(seed, phase, epoch))
-        for batch_index, (inputs, targets) in enumerate(loader):
-            if batch_index >= steps_per_epoch:
-                break
-            tick = time.perf_counter()
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            extra = hooks.extra_loss(model, step)
-            total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss became {total.item()} in phase {phase!r}, epoch {epoch}, step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            scheduler.step()
-            hooks.after_step(model, step)
-            result.compute_s += time.perf_counter() - tick
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-            step += 1
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                  "lr": scheduler.get_last_lr()[0]}
-        if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
-            record["val_top1"] = evaluate(model, data, "val", spec.batch_size)["top1"]
-        result.history.append(record)
-        result.wall_s += time.perf_counter() - wall_start
-        if log is not None:
-            log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, epoch)
-        if checkpoint is not None:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                          "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s},
-                         checkpoint)
-        progress.set_postfix(loss=f"{record['train_loss']:.3f}", train_top1=f"{record['train_top1']:.3f}")
+    with training_group(model) as trained:
+        for epoch in progress:
+            wall_start = time.perf_counter()
+            model.train()
+            hooks.on_epoch_start(model, epoch)
+            loss_sum, correct, seen, step = 0.0, 0, 0, epoch * steps_per_epoch
+            loader = data.loader("train", batch_size, shuffle=True, generator=_epoch_generator(seed, phase, epoch))
+            for batch_index, (inputs, targets) in enumerate(loader):
+                if batch_index >= steps_per_epoch:
+                    break
+                tick = time.perf_counter()
+                logits = trained(inputs)
+                loss = F.cross_entropy(logits, targets)
+                extra = hooks.extra_loss(model, step)
+                total = loss if extra is None else loss + extra
+                if not all_finite(total):  # every rank stops at the same step
+                    raise FloatingPointError(f"loss became {total.item()} in phase {phase!r}, epoch {epoch}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                hooks.after_step(model, step)
+                result.compute_s += time.perf_counter() - tick
+                loss_sum += loss.item() * len(targets)
+                correct += (logits.argmax(1) == targets).sum().item()
+                seen += len(targets)
+                step += 1
+            loss_sum, correct, seen = all_sum(loss_sum, correct, seen)  # over every rank's shard
+            record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                      "lr": scheduler.get_last_lr()[0]}
+            if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
+                record["val_top1"] = evaluate(model, data, "val", spec.batch_size)["top1"]
+            result.history.append(record)
+            result.wall_s += time.perf_counter() - wall_start
+            if log is not None:
+                log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, epoch)
+            if checkpoint is not None and is_main_process():
+                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                              "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s},
+                             checkpoint)
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", train_top1=f"{record['train_top1']:.3f}")
     return result
