@@ -6,9 +6,10 @@ A compression run:
 2. seeds everything (runs are deterministic on CPU for a seed);
 3. loads the shared FP32 checkpoint and hands it to the method with a :class:`RunContext`;
 4. checks the returned plan against the model (:func:`jpqbench.plan.verify_plan`);
-5. counts the cost with the one counter, evaluates on the test split **once**, and writes
-   ``plan.json``, ``model.pt`` and finally ``metrics.json`` -- each atomically, so an
-   interrupted run never leaves a file that Snakemake would take as done;
+5. counts the cost with the one counter, evaluates on the test split **once**, exports the
+   real artifact ``model.jpq`` and measures it (:mod:`jpqbench.export`), and writes
+   ``plan.json``, ``model.pt``, ``model.jpq`` and finally ``metrics.json`` -- each atomically,
+   so an interrupted run never leaves a file that Snakemake would take as done;
 6. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
@@ -37,6 +38,7 @@ from jpqbench.data import DataBundle
 from jpqbench.distributed import check_launch, is_main_process, world_size
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
+from jpqbench.export import ARTIFACT_NAME, export_run
 from jpqbench.grid import GridPoint
 from jpqbench.methods_api import Budget, Compressed, RunContext, get_method, make_method
 from jpqbench.plan import verify_plan
@@ -182,7 +184,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
     model = load_checkpoint(request.checkpoint, recipe, data)
     method = make_method(request.method, config.method_params)
     out, work = request.out, request.out / ".work"
-    for stale in ("metrics.json", "plan.json", "model.pt"):
+    for stale in ("metrics.json", "plan.json", "model.pt", ARTIFACT_NAME):
         (out / stale).unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     epochs = request.epochs or recipe.epochs
@@ -210,6 +212,12 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         measured = measure_activation_sparsity(compressed.model,
                                                (x for x, _ in data.loader("test", recipe.batch_size)))
         tracker.log_metrics({f"measured_activation_sparsity/{name}": value for name, value in measured.items()}, 0)
+        # the real artifact: physically pruned, bit-packed, loaded back and measured (jpqbench/export)
+        exported, artifact_bits = export_run(
+            compressed.model, compressed.plan, model_name=recipe.model, data=data,
+            batch=next(iter(ctx.calibration_batches(1))), batch_size=recipe.batch_size,
+            path=work / ARTIFACT_NAME, weight_bits=cost.weight_bits, top1=test["top1"])
+        tracker.log_metrics(artifact_bits, 0)
         achieved = cost.relative(budget.metric) if budget else None
         metrics = {
             "dataset": request.dataset, "model": recipe.model, "method": request.method,
@@ -218,6 +226,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             "top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"],
             "measured_activation_sparsity": statistics.fmean(measured.values()),
             **cost.to_dict(),
+            **exported,
             "achieved": achieved, "target_met": None if budget is None else bool(achieved <= budget.target * 1.10),
             "compute_time_s": sum(r.compute_s for r in ctx.train_results),
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
@@ -239,6 +248,8 @@ def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[st
     (work / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     tracker.log_artifact(work / "plan.json")
     tracker.log_artifact(work / "config.yaml")
+    tracker.log_artifact(work / ARTIFACT_NAME)
+    os.replace(work / ARTIFACT_NAME, out / ARTIFACT_NAME)
     _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
     _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
     metrics["wall_time_s"] = time.perf_counter() - wall_start
