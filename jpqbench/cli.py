@@ -11,13 +11,17 @@
     jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV]
 
 All commands take ``--config`` (default ``config/config.yaml``). A user mistake prints
-``error: <problem>`` and ``fix: <what to do>`` and exits with status 2; a run that fails
-inside (divergence) exits with status 1.
+``error: <problem>`` and ``fix: <what to do>`` and exits with status 2. A compression run that
+diverges is recorded as a result (its metrics.json has status ``diverged``) and ``run`` goes on
+with its next budget and exits with status 0, so the grid goes on; a pretraining that diverges
+exits with status 1. SIGTERM (Snakemake or a scheduler cancelling the job) raises
+``SystemExit(143)``, so a run unwinds and closes its MLflow run as KILLED; a rerun resumes it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -95,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int | None:
     from jpqbench.distributed import check_launch, is_main_process, launch, world_size
     from jpqbench.methods_api import get_method
     from jpqbench.grid import GridPoint
-    from jpqbench.runner import RunRequest, default_checkpoint, default_run_dir, load_data, run, validate_request
+    from jpqbench.runner import (RunRequest, default_checkpoint, default_run_dir, load_data, run_or_record_divergence,
+                                 validate_request)
 
     config = _config(args)
     model = config.recipe(args.dataset, args.model).model
@@ -124,7 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int | None:
         validate_request(config, request)
     data = load_data(config, args.dataset)
     for request in requests:  # one process for several budgets: start-up and data loading are paid once
-        metrics = run(config, request, data)
+        metrics = run_or_record_divergence(config, request, data)
+        if metrics.get("status") == "diverged":
+            print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, {request.budget.key if request.budget else 'reference'}) diverged: "
+                  f"{metrics['error']}\nrecorded as status 'diverged' in {request.out / 'metrics.json'}", file=sys.stderr)
+            continue
         if not is_main_process():  # under torchrun, rank 0 reports
             continue
         budget, out = request.budget, request.out
@@ -259,12 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as an exception: the run unwinds and records that it was interrupted."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command == "cost" and not (args.dataset or args.input_shape):
         print("error: cost needs --dataset or --input-shape\n  fix: e.g. --dataset digits", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         status = args.func(args)  # None, or a launched torchrun's exit status
     except UserError as error:

@@ -13,15 +13,26 @@ A compression run:
 6. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
-run id): a killed run resumes from its last epoch and ends with the same result.
+run id): a killed run resumes from its last epoch and ends with the same result. The folder
+also records the inputs it was made for (method, hyperparameters, recipe, budget, seed, data
+and FP32 checkpoint): a rerun with other inputs closes the interrupted attempt's MLflow run as
+KILLED ("abandoned") and starts afresh instead of resuming from checkpoints of another run.
+
+A run that diverges (a non-finite loss in training, or non-finite weights in the returned
+model) is a result, not a crash: :func:`run_or_record_divergence` (what ``jpqbench run``
+calls) writes its ``metrics.json`` with status ``diverged``, the reason and no figures, and
+the grid goes on. An FP32 checkpoint pretrained on other data (its ``data_hash`` differs from
+the prepared dataset's fingerprint) is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +54,7 @@ from jpqbench.grid import GridPoint
 from jpqbench.methods_api import Budget, Compressed, RunContext, get_method, make_method
 from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
-from jpqbench.tracking import Tracker, git_commit, tracked_run
+from jpqbench.tracking import Tracker, abandon_run, git_commit, tracked_run
 from jpqbench.train import TrainSpec, fit
 
 
@@ -84,6 +95,39 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _claim_work_dir(config: BenchConfig, work: Path, inputs: dict[str, Any]) -> None:
+    """Create ``work``, or keep it for a resume only if an earlier attempt made it for the same ``inputs``.
+
+    A folder made for other inputs (a changed hyperparameter, recipe, budget or checkpoint) or
+    by a version that recorded none is discarded, and the MLflow run it names is closed as
+    KILLED: resuming from it would continue another run. Under torchrun rank 0 does this.
+    """
+    if not is_main_process():
+        return
+    stamp, text = work / "inputs.json", json.dumps(inputs, sort_keys=True, default=str)
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != text):
+        print(f"discarding {work}: it was made for other inputs than this run's", file=sys.stderr)
+        abandon_run(config, work / "mlflow_run_id", "the run's inputs changed before it was resumed")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(stamp, text)
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Raise FloatingPointError (divergence) if any weight or buffer of ``model`` is NaN or infinite."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"the returned model's {name} holds non-finite values")
+
+
 def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out: Path) -> dict[str, Any]:
     """Train the shared FP32 starting point of (dataset, model, seed); write it to ``out``."""
     wall_start = time.perf_counter()
@@ -93,7 +137,7 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
     model = build_model(recipe, data)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(out.stem + ".work")
-    work.mkdir(exist_ok=True)
+    _claim_work_dir(config, work, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint})
     spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                      optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                      max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every)
@@ -130,6 +174,11 @@ def load_checkpoint(path: Path, recipe: TrainRecipe, data: DataBundle) -> nn.Mod
         raise UserError(f"checkpoint {path} holds {info['model']} on {info['dataset']}, "
                         f"but the run needs {recipe.model} on {data.name}",
                         "pass the checkpoint pretrained for this dataset and model")
+    if state.get("data_hash", data.fingerprint) != data.fingerprint:
+        raise UserError(f"checkpoint {path} was pretrained on other {data.name} data (fingerprint "
+                        f"{state['data_hash']}; the prepared data's is {data.fingerprint})",
+                        "pretrain it again on the prepared data (delete it and rerun), or restore the data it was "
+                        "trained on")
     model = build_model(recipe, data)
     try:
         model.load_state_dict(info["state_dict"])
@@ -186,9 +235,12 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
     out, work = request.out, request.out / ".work"
     for stale in ("metrics.json", "plan.json", "model.pt", ARTIFACT_NAME):
         (out / stale).unlink(missing_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
     epochs = request.epochs or recipe.epochs
     budget = request.budget
+    _claim_work_dir(config, work, {"method": request.method, "hparams": method.hp.model_dump(),
+                                   "recipe": recipe.model_dump(), "epochs": epochs, "seed": request.seed,
+                                   "budget": budget.key if budget else None, "data": data.fingerprint,
+                                   "checkpoint": _file_sha256(request.checkpoint)})
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
@@ -199,6 +251,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
                          log_metrics=tracker.log_metrics)
         compressed = method.compress(model, budget, ctx)
+        _check_finite(compressed.model)
         if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 finishes
             return {}
         compressed.plan.method = request.method
@@ -237,6 +290,37 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         _write_outputs(config, compressed, metrics, wall_start, out, work, tracker)
     shutil.rmtree(work)
     return metrics
+
+
+def run_or_record_divergence(config: BenchConfig, request: RunRequest,
+                             data: DataBundle | None = None) -> dict[str, Any]:
+    """:func:`run`; a run that diverges is recorded and its metrics returned instead of raised.
+
+    The record is ``metrics.json`` with status ``diverged``, the reason (``error``) and every
+    figure empty; the MLflow run was closed as FAILED with the tags ``status`` and ``error`` by
+    :func:`jpqbench.tracking.tracked_run`. No ``plan.json`` or ``model.pt`` is written: there is
+    no trustworthy model to describe. Rerunning it diverges again (runs are deterministic), so
+    its work folder is removed like a finished run's.
+    """
+    from jpqbench.aggregate import COLUMNS  # lazily: pandas is only needed here
+
+    data = data or load_data(config, request.dataset)
+    try:
+        return run(config, request, data)
+    except FloatingPointError as error:
+        if not is_main_process():
+            return {}
+        recipe, budget = config.recipe(request.dataset, request.model), request.budget
+        id_file = request.out / ".work" / "mlflow_run_id"
+        metrics = {**dict.fromkeys(COLUMNS), "dataset": request.dataset, "model": recipe.model,
+                   "method": request.method, "budget_metric": budget.metric if budget else None,
+                   "budget": budget.target if budget else None, "seed": request.seed,
+                   "epochs": request.epochs or recipe.epochs, "status": "diverged", "error": str(error),
+                   "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None,
+                   "data_hash": data.fingerprint, "git_commit": git_commit()}
+        _atomic_write_text(request.out / "metrics.json", json.dumps(metrics, indent=1))
+        shutil.rmtree(request.out / ".work", ignore_errors=True)
+        return metrics
 
 
 def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[str, Any], wall_start: float,

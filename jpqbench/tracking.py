@@ -7,12 +7,23 @@ once, before parallel jobs start: concurrent first use of a SQLite store races o
 schema migration.
 
 A run that is interrupted and restarted reuses its MLflow run (its id is kept in the run's
-work folder), so a resumed run never appears twice. Runs end with status FINISHED or
-FAILED; a failed run keeps its error message as the tag ``error``.
+work folder), so a resumed run never appears twice, and a metric value the interrupted
+attempt already logged at a step is not logged again when the resumed attempt recomputes it.
+Runs end with status FINISHED, FAILED (the tag ``error`` keeps the message; ``status`` is
+``diverged`` for a non-finite loss, else ``failed``) or KILLED (interrupted: Ctrl-C, or SIGTERM,
+which the CLI turns into an exception so the run can record it). A run killed outright
+(SIGKILL) stays RUNNING until its rerun resumes it.
+
+Parallel jobs share one SQLite file. SQLite serialises writers: a SQLite URI is opened with a
+busy timeout of :data:`SQLITE_BUSY_TIMEOUT_S` (unless it names a ``timeout``), and a store call
+that still meets "database is locked" -- SQLite answers so at once, without waiting, where a
+wait could deadlock two writers -- is retried with back-off (:class:`RetryingClient`).
 """
 from __future__ import annotations
 
 import os
+import random
+import signal
 import time
 import platform
 import subprocess
@@ -37,6 +48,47 @@ def tracking_uri(config: BenchConfig | None) -> str:
     if config is not None and config.tracking_uri:
         return config.tracking_uri
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+SQLITE_BUSY_TIMEOUT_S = 60  # how long SQLite itself waits for another job's write to end
+LOCKED_RETRY_S = 600  # how long a store call is retried while SQLite reports a lock
+
+
+def store_uri(uri: str) -> str:
+    """``uri`` as a client opens it: a SQLite URI gets a busy timeout unless it names one
+    (sqlite3's default of 5 s is short when several jobs write to one file)."""
+    if not uri.startswith("sqlite:") or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_TIMEOUT_S}"
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls are retried while the SQLite store reports a lock.
+
+    Safe because a store call that fails so changed nothing: its transaction was rolled back.
+    Any other error is raised at once.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def retried(*args: Any, **kwargs: Any) -> Any:
+            deadline, pause = time.monotonic() + LOCKED_RETRY_S, 0.05
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 -- MLflow raises SQLAlchemy's error, wrapped or not
+                    if "database is locked" not in str(error) or time.monotonic() > deadline:
+                        raise
+                time.sleep(pause * random.uniform(0.5, 1.5))  # jitter: waiting jobs do not retry in step
+                pause = min(2 * pause, 2.0)
+
+        return retried
 
 
 def init_tracking(config: BenchConfig) -> str:
@@ -74,18 +126,27 @@ def package_versions() -> dict[str, str]:
 
 
 class Tracker:
-    """A thin wrapper over one active MLflow run."""
+    """A thin wrapper over one active MLflow run.
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    ``logged``: the values the run already holds, by (key, step) -- those of an interrupted
+    attempt, for a resumed run. Logging the same value at the same step again is skipped, so
+    the epoch an attempt logged but did not checkpoint before it was killed, and that the
+    resumed attempt trains again, appears once in the metric's history.
+    """
+
+    def __init__(self, client: Any, run_id: str, logged: dict[tuple[str, int], float] | None = None) -> None:
         self._client = client
         self.run_id = run_id
+        self._logged = logged or {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow.entities
 
         stamp = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(key, float(value), stamp, step)
-                                                     for key, value in metrics.items() if value is not None])
+        fresh = [mlflow.entities.Metric(key, float(value), stamp, step) for key, value in metrics.items()
+                 if value is not None and self._logged.get((key, step)) != float(value)]
+        if fresh:
+            self._client.log_batch(self.run_id, metrics=fresh)
 
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow.entities
@@ -129,7 +190,7 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(config))
+    client = RetryingClient(MlflowClient(store_uri(tracking_uri(config))))
     experiment = client.get_experiment_by_name(config.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment)
     run_id = id_file.read_text().strip() if id_file.exists() else None
@@ -139,17 +200,55 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         except mlflow.exceptions.MlflowException:
             run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
-    tracker = Tracker(client, run_id)
+        # SIGTERM is held back until the id is on disk: a run no id file names could never be resumed
+        with _sigterm_deferred():
+            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = id_file.with_name(id_file.name + ".tmp")
+            tmp.write_text(run_id)
+            os.replace(tmp, id_file)
+        logged = {}
+    else:
+        previous = client.get_run(run_id).data
+        logged = {(metric.key, metric.step): metric.value for key in previous.metrics
+                  for metric in client.get_metric_history(run_id, key)}
+        for outcome in {"error", "status"} & set(previous.tags):  # the interrupted attempt's; this one records its own
+            client.delete_tag(run_id, outcome)
+    tracker = Tracker(client, run_id, logged)
     tracker.set_tags({**tags, "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
                       "processes": world_size(),
                       **{f"version.{k}": v for k, v in package_versions().items()}})
     try:
         yield tracker
     except BaseException as error:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")
+        interrupted = not isinstance(error, Exception)  # Ctrl-C, or SIGTERM (the CLI raises SystemExit)
+        status = "interrupted" if interrupted else "diverged" if isinstance(error, FloatingPointError) else "failed"
+        tracker.set_tags({"error": f"{type(error).__name__}: {error}"[:5000], "status": status})
+        client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def abandon_run(config: BenchConfig, id_file: Path, reason: str) -> None:
+    """Close the MLflow run ``id_file`` names (an interrupted attempt that will not be resumed) as KILLED."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if not id_file.is_file():
+        return
+    client, run_id = RetryingClient(MlflowClient(store_uri(tracking_uri(config)))), id_file.read_text().strip()
+    try:
+        client.set_tag(run_id, "error", f"abandoned: {reason}")
+        client.set_terminated(run_id, status="KILLED")
+    except mlflow.exceptions.MlflowException:  # the run is not in this store (e.g. another tracking URI)
+        pass
+
+
+@contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Hold SIGTERM back for the block (it is delivered when the block ends)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})

@@ -9,7 +9,8 @@ optimizer, schedule, data order, checkpointing and accounting.
   tiny model costs as much as a twentieth of its training);
 * a checkpoint (model, optimizer, scheduler, RNG, elapsed times, history) is written
   atomically at the end of every epoch; :func:`fit` resumes from it when it exists, and a
-  finished phase is skipped on rerun;
+  finished phase is skipped on rerun; a checkpoint that cannot be resumed from (unreadable,
+  or the state of another model or optimizer) is refused with a UserError, never half-used;
 * methods customise training through :class:`TrainHooks` -- extra loss terms, post-step
   projections, per-epoch phase changes, their own optimizer parameter groups, or (a method
   that is an optimizer) their own optimizer;
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from jpqbench.data import DataBundle
 from jpqbench.distributed import all_finite, all_sum, is_main_process, shard_steps, training_group
+from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
 
 
@@ -122,13 +124,18 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, spec.epochs * steps_per_epoch))
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        result = TrainResult(state["history"], state["compute_s"], state["wall_s"])
-        start_epoch = state["epoch"] + 1
+        try:
+            state = torch.load(checkpoint, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            result = TrainResult(state["history"], state["compute_s"], state["wall_s"])
+            start_epoch = state["epoch"] + 1
+        except Exception as error:  # noqa: BLE001 -- truncated, foreign or malformed: one problem for the user
+            raise UserError(f"training checkpoint {checkpoint} cannot be resumed from "
+                            f"({type(error).__name__}: {str(error)[:300]})",
+                            f"delete {checkpoint.parent} to restart the run from the beginning") from None
     progress = tqdm(range(start_epoch, spec.epochs), desc=phase, leave=False,
                     disable=not sys.stderr.isatty(), initial=start_epoch, total=spec.epochs)
     with training_group(model) as trained:
