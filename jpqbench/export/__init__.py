@@ -28,7 +28,7 @@ from torch import nn
 
 from jpqbench.data import DataBundle
 from jpqbench.evaluate import evaluate
-from jpqbench.export.artifact import _PREFIX, load, to_bytes
+from jpqbench.export.artifact import _PREFIX, read, to_bytes, to_model
 from jpqbench.export.build import build_artifact
 from jpqbench.export.latency import latency_figures
 from jpqbench.plan import CompressionPlan
@@ -51,8 +51,8 @@ def export_run(compressed: nn.Module, plan: CompressionPlan, *, model_name: str,
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(raw)
     tmp.replace(path)
-    exported = load(path)
-    physical = load(path, quantize_inputs=False)
+    stored = read(path)  # the file, not the in-memory artifact: what a user would load
+    exported, physical = to_model(stored), to_model(stored, quantize_inputs=False)
     with torch.no_grad():
         output_diff = float((exported(batch) - compressed.eval()(batch)).abs().max())
     export_top1 = evaluate(exported, data, "test", batch_size)["top1"]
