@@ -9,6 +9,7 @@
     jpqbench init-tracking [--marker FILE]
     jpqbench aggregate [--out results/summary.csv]
     jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV]
+    jpqbench export    --run-dir DIR
 
 All commands take ``--config`` (default ``config/config.yaml``). A user mistake prints
 ``error: <problem>`` and ``fix: <what to do>`` and exits with status 2. A compression run that
@@ -199,6 +200,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {html}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from jpqbench.export.finished import reexport
+
+    figures = reexport(_config(args), Path(args.run_dir))
+    print(f"wrote {Path(args.run_dir) / 'model.jpq'}: {figures['artifact_bytes']:,} bytes "
+          f"(counted {figures['artifact_counted_bytes']:,.0f} + overhead {figures['artifact_overhead_bytes']:,.0f}), "
+          f"exported top-1 {figures['export_top1']:.4f} ({figures['export_top1_delta_pp']:+.2f} pp"
+          f"{', FLAGGED' if figures['export_flagged'] else ''}), latency batch 1: dense "
+          f"{figures['latency_dense_b1_ms']:.3f} ms, pruned {figures['latency_pruned_b1_ms']:.3f} ms")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpqbench", description="joint pruning + quantization benchmark harness")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="benchmark config (default: %(default)s)")
@@ -265,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", default="results/reference/published.csv",
                    help="published numbers shown beside ours, labelled 'as reported' (default: %(default)s)")
     p.set_defaults(func=cmd_report)
+
+    p = command("export", help="(re)export a finished run's physically pruned, bit-packed artifact")
+    p.add_argument("--run-dir", required=True, help="the run folder (holds metrics.json and model.pt)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
