@@ -52,6 +52,25 @@ COLUMNS: dict[str, str] = {
     "git_commit": "string",
     "data_hash": "string",
 }
+# The real artifact's figures (jpqbench/export; metrics.json keys of the same names): typed like
+# the schema, after it. A run without them (one that diverged) has them empty.
+EXPORT_COLUMNS: dict[str, str] = {
+    "artifact_bytes": "Int64",  # model.jpq on disk
+    "artifact_counted_bytes": "Float64",  # the counter's weight_bits / 8
+    "artifact_overhead_bytes": "Float64",  # header, scales, folded biases, activation tables (exact)
+    "artifact_size_ok": "boolean",  # artifact = counted + overhead, to the bit
+    "export_top1": "Float64",  # the loaded artifact's test top-1
+    "export_top1_delta_pp": "Float64",  # export_top1 - top1, percentage points
+    "export_flagged": "boolean",  # |delta| > 0.1 pp
+    "export_max_output_diff": "Float64",
+    "export_weight_max_error": "Float64",
+    "latency_threads": "Int64",
+    "latency_dense_b1_ms": "Float64",
+    "latency_pruned_b1_ms": "Float64",
+    "latency_dense_b32_ms": "Float64",
+    "latency_pruned_b32_ms": "Float64",
+    "export_time_s": "Float64",
+}
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
 SORT_KEYS = ["dataset", "model", "method", "budget_metric", "budget", "seed"]
 
@@ -69,9 +88,11 @@ def _read_metrics(path: Path, runs_root: Path) -> dict:
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Schema columns first, in schema order and dtypes; any further figures after them."""
-    extra = [column for column in frame.columns if column not in COLUMNS]
-    return frame[[*COLUMNS, *extra]].astype(COLUMNS)
+    """Schema columns first, in schema order and dtypes, then the export columns; any further figures after them."""
+    typed = {**COLUMNS, **EXPORT_COLUMNS}
+    frame = frame.reindex(columns=[*frame.columns, *(column for column in EXPORT_COLUMNS if column not in frame)])
+    extra = [column for column in frame.columns if column not in typed]
+    return frame[[*typed, *extra]].astype(typed)
 
 
 def aggregate(runs_root: Path, out_csv: Path, config: BenchConfig | None = None) -> pd.DataFrame:
@@ -102,4 +123,4 @@ def aggregate(runs_root: Path, out_csv: Path, config: BenchConfig | None = None)
 
 def read_summary(summary_csv: Path) -> pd.DataFrame:
     """Read a summary written by :func:`aggregate` back with its dtypes (a CSV does not keep them)."""
-    return pd.read_csv(summary_csv, dtype=COLUMNS)
+    return pd.read_csv(summary_csv, dtype={**COLUMNS, **EXPORT_COLUMNS})
