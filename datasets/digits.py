@@ -66,7 +66,8 @@ def _assign_splits(labels: np.ndarray) -> np.ndarray:
 
 def _corrupted(path: Path, root: Path, why: str) -> UserError:
     return UserError(f"digits data file {path} is corrupted ({why})",
-                     f"delete the folder {root} and re-run `{PREPARE_COMMAND}`")
+                     f"delete the folder {root} and re-run `{PREPARE_COMMAND}` (or, where DVC tracks it, "
+                     f"`dvc pull {root}`)")
 
 
 def _verified_manifest(root: Path) -> str:

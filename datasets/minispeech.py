@@ -268,7 +268,8 @@ def _verify(root: Path) -> None:
         path = root / relpath
         if not path.is_file() or _sha256(path) != digest:
             raise UserError(f"minispeech file {path} is missing or does not match {manifest_path}",
-                            f"delete the folder {root} and re-run `{PREPARE_COMMAND}`")
+                            f"delete the folder {root} and re-run `{PREPARE_COMMAND}` (or, where DVC tracks it, "
+                            f"`dvc pull {root}`)")
 
 
 @register_dataset("minispeech")

@@ -91,10 +91,27 @@ def _fix_length(samples: np.ndarray) -> np.ndarray:
     return np.pad(samples, (0, CLIP_SAMPLES - len(samples)))
 
 
+def _truncation(path: Path) -> str | None:
+    """Why the wav at ``path`` is shorter than its RIFF header declares, or None.
+
+    libsndfile reads a truncated wav without complaint (it returns the samples that are there),
+    and a short clip is zero-padded to 1 s, so a truncated file would pass as a quiet clip.
+    """
+    with path.open("rb") as file:
+        header = file.read(8)
+    if len(header) < 8 or header[:4] != b"RIFF":
+        return None  # not a RIFF header: soundfile judges the file
+    declared, actual = int.from_bytes(header[4:], "little") + 8, path.stat().st_size
+    return f"truncated: its header declares {declared} bytes, the file has {actual}" if actual < declared else None
+
+
 def _read_wav(path: Path, root: Path) -> np.ndarray:
-    """A 16 kHz mono wav as int16 samples; anything else is a corrupted dataset."""
+    """A 16 kHz mono wav as int16 samples; anything else (or a truncated file) is a corrupted dataset."""
     import soundfile
 
+    truncated = _truncation(path)
+    if truncated:
+        raise _corrupted(path, root, truncated)
     try:
         samples, rate = soundfile.read(path, dtype="int16", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as exc:

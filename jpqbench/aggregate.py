@@ -72,18 +72,46 @@ EXPORT_COLUMNS: dict[str, str] = {
     "export_time_s": "Float64",
 }
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
+# The outcomes of a finished run (jpqbench.runner): "diverged" runs have a metrics.json with
+# the reason (key "error") and no figures; they are listed in the summary, never averaged.
+STATUSES = ("ok", "diverged")
 SORT_KEYS = ["dataset", "model", "method", "budget_metric", "budget", "seed"]
 
 
+def _fits(value: object, dtype: str) -> bool:
+    """Whether a JSON value can stand in a column of ``dtype`` (null fits every column)."""
+    if value is None:
+        return True
+    if dtype == "string":
+        return isinstance(value, str)
+    if dtype == "boolean" or isinstance(value, bool):
+        return dtype == "boolean" and isinstance(value, bool)
+    return isinstance(value, int) if dtype == "Int64" else isinstance(value, (int, float))
+
+
 def _read_metrics(path: Path, runs_root: Path) -> dict:
+    """One run's metrics.json, checked against the schema: a malformed file is refused, naming
+    the file and the key, rather than turned into a wrong row or a deep pandas error."""
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error})", "delete the run folder and run it again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds a JSON {type(record).__name__}, not an object of figures",
+                        "delete the run folder and run it again")
     missing = [column for column in COLUMNS if column not in record]
     if missing:
         raise UserError(f"{path} lacks the keys {', '.join(missing)}",
                         "run it again with the current `jpqbench run`, which writes them all")
+    wrong = [f"{column}={record[column]!r} (not {dtype})" for column, dtype in COLUMNS.items()
+             if not _fits(record[column], dtype)]
+    if record["status"] not in STATUSES:
+        wrong.append(f"status={record['status']!r} (not one of {', '.join(STATUSES)})")
+    elif record["status"] == "ok" and record["top1"] is None:
+        wrong.append("top1=None in a run whose status is ok")
+    if wrong:
+        raise UserError(f"{path} is malformed: {'; '.join(wrong)}",
+                        "delete the run folder and run it again (`snakemake` re-runs it)")
     return {**record, RUN_DIR_COLUMN: path.parent.relative_to(runs_root).as_posix()}
 
 

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from jpqbench.errors import UserError
+
 
 class TensorSplit(Dataset):
     """An in-memory split; ``__getitems__`` lets the DataLoader fetch a whole batch at once."""
@@ -66,8 +68,13 @@ class ImageFiles(Dataset):
         from PIL import Image
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        with Image.open(self.paths[index]) as image:
-            pixels = pil_to_tensor(image.convert("RGB"))
+        try:
+            with Image.open(self.paths[index]) as image:
+                pixels = pil_to_tensor(image.convert("RGB"))
+        except OSError as error:  # unreadable, not an image, or truncated (PIL refuses a truncated image)
+            raise UserError(f"image file {self.paths[index]} is unreadable or truncated ({error})",
+                            "restore the dataset: re-run `jpqbench prepare` for it, or `dvc pull` where DVC tracks "
+                            "it") from None
         return self.transform(pixels), self.targets[index]
 
 

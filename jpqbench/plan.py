@@ -93,9 +93,13 @@ class CompressionPlan:
         return plan
 
     def validate(self) -> None:
-        """Internal consistency (independent of any model)."""
+        """Internal consistency (independent of any model): types first, then values."""
         for name, layer in self.layers.items():
-            problems = []
+            problems = _type_problems(layer)
+            if problems:
+                raise UserError(f"plan layer {name!r} is malformed: {'; '.join(problems)}",
+                                "fix the method that wrote it, or regenerate it with `jpqbench run`; "
+                                "see jpqbench/plan.py for the format")
             if any(not 0 <= c < layer.out_channels for c in layer.pruned):
                 problems.append("pruned channel index out of range")
             if isinstance(layer.w_bits, list) and len(layer.w_bits) != layer.out_channels:
@@ -119,6 +123,31 @@ class CompressionPlan:
         """The FP32 plan: nothing pruned, every layer at 32 bits."""
         return cls({name: LayerPlan(out_channels=layer.weight.shape[0])
                     for name, layer in _conv_linear(model).items()}, method="fp32")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_problems(layer: LayerPlan) -> list[str]:
+    """What in a layer's plan (as read from JSON) has the wrong type: a hand-edited plan.json with
+    ``"w_bits": "8"`` or ``4.5`` must be refused, not compared as a string or truncated."""
+    problems = []
+    if not _is_int(layer.out_channels) or layer.out_channels < 1:
+        problems.append(f"out_channels={layer.out_channels!r} is not a positive integer")
+    if not isinstance(layer.pruned, list) or not all(_is_int(c) for c in layer.pruned):
+        problems.append(f"pruned={layer.pruned!r} is not a list of channel indices")
+    elif len(set(layer.pruned)) != len(layer.pruned):
+        problems.append("pruned lists a channel twice")
+    if not (_is_int(layer.w_bits) or isinstance(layer.w_bits, list) and all(_is_int(b) for b in layer.w_bits)):
+        problems.append(f"w_bits={layer.w_bits!r} is not an integer or a list of integers")
+    if not _is_int(layer.a_bits):
+        problems.append(f"a_bits={layer.a_bits!r} is not an integer")
+    for key in ("w_sparsity", "a_sparsity"):
+        value = getattr(layer, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}={value!r} is not a number")
+    return problems
 
 
 def _conv_linear(model: nn.Module) -> dict[str, nn.Module]:

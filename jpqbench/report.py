@@ -161,13 +161,24 @@ def write_table(table: pd.DataFrame, out_dir: Path, stem: str = "table") -> None
     (out_dir / f"{stem}.md").write_text(cells.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
 
 
+def unfinished_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose status is not "ok" (e.g. "diverged"), with the reason: listed in the report,
+    left out of every mean and plot."""
+    columns = ["run_dir", "dataset", "model", "method", "budget", "seed", "status"]
+    failed = summary[summary["status"].ne("ok")]
+    reason = failed["error"] if "error" in failed.columns else pd.Series(pd.NA, index=failed.index)
+    return failed[[c for c in columns if c in failed.columns]].assign(error=reason).reset_index(drop=True)
+
+
 def pareto_figure(table: pd.DataFrame, x: str, xlabel: str) -> Figure:
     """Top-1 (mean +- std over seeds) against a cost column of :func:`comparison_table`, log x.
 
     One panel per dataset and one line per method through its budgets; a budget-free method
-    (the fp32 reference) is a point at its own cost plus a dashed horizontal line.
+    (the fp32 reference) is a point at its own cost plus a dashed horizontal line. A budget at
+    which no seed finished with status "ok" (every run diverged) has no point.
     """
-    plotted = table.reset_index().astype({"top1_mean_pct": float, "top1_std_pct": float, x: float})
+    plotted = table[table["seeds"] > 0].reset_index().astype({"top1_mean_pct": float, "top1_std_pct": float,
+                                                              x: float})
     methods = sorted(plotted["method"].unique())
     colors = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     panels = list(plotted.groupby(["dataset", "model"]))

@@ -62,33 +62,38 @@ def store_uri(uri: str) -> str:
     return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_TIMEOUT_S}"
 
 
-class RetryingClient:
-    """An ``MlflowClient`` whose calls are retried while the SQLite store reports a lock.
+def _retried(function: Any) -> Any:
+    """``function``, called again with back-off while it fails because the SQLite store is locked.
 
     Safe because a store call that fails so changed nothing: its transaction was rolled back.
     Any other error is raised at once.
     """
+    def call(*args: Any, **kwargs: Any) -> Any:
+        deadline, pause = time.monotonic() + LOCKED_RETRY_S, 0.02
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 -- MLflow raises SQLAlchemy's error, wrapped or not
+                if "database is locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause * random.uniform(0.5, 1.5))  # jitter: waiting jobs do not retry in step
+            pause = min(2 * pause, 0.5)
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    return call
+
+
+class RetryingClient:
+    """An ``MlflowClient`` on ``uri`` (see :func:`store_uri`) whose every call -- opening the
+    store included -- is retried while the SQLite store reports a lock."""
+
+    def __init__(self, uri: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = _retried(MlflowClient)(store_uri(uri))
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
-        if not callable(attribute):
-            return attribute
-
-        def retried(*args: Any, **kwargs: Any) -> Any:
-            deadline, pause = time.monotonic() + LOCKED_RETRY_S, 0.05
-            while True:
-                try:
-                    return attribute(*args, **kwargs)
-                except Exception as error:  # noqa: BLE001 -- MLflow raises SQLAlchemy's error, wrapped or not
-                    if "database is locked" not in str(error) or time.monotonic() > deadline:
-                        raise
-                time.sleep(pause * random.uniform(0.5, 1.5))  # jitter: waiting jobs do not retry in step
-                pause = min(2 * pause, 2.0)
-
-        return retried
+        return _retried(attribute) if callable(attribute) else attribute
 
 
 def init_tracking(config: BenchConfig) -> str:
@@ -188,9 +193,8 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         yield NullTracker()
         return
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    client = RetryingClient(MlflowClient(store_uri(tracking_uri(config))))
+    client = RetryingClient(tracking_uri(config))
     experiment = client.get_experiment_by_name(config.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment)
     run_id = id_file.read_text().strip() if id_file.exists() else None
@@ -215,10 +219,10 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         for outcome in {"error", "status"} & set(previous.tags):  # the interrupted attempt's; this one records its own
             client.delete_tag(run_id, outcome)
     tracker = Tracker(client, run_id, logged)
-    tracker.set_tags({**tags, "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
-                      "processes": world_size(),
-                      **{f"version.{k}": v for k, v in package_versions().items()}})
     try:
+        tracker.set_tags({**tags, "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
+                          "processes": world_size(),
+                          **{f"version.{k}": v for k, v in package_versions().items()}})
         yield tracker
     except BaseException as error:
         interrupted = not isinstance(error, Exception)  # Ctrl-C, or SIGTERM (the CLI raises SystemExit)
@@ -232,11 +236,10 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
 def abandon_run(config: BenchConfig, id_file: Path, reason: str) -> None:
     """Close the MLflow run ``id_file`` names (an interrupted attempt that will not be resumed) as KILLED."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     if not id_file.is_file():
         return
-    client, run_id = RetryingClient(MlflowClient(store_uri(tracking_uri(config)))), id_file.read_text().strip()
+    client, run_id = RetryingClient(tracking_uri(config)), id_file.read_text().strip()
     try:
         client.set_tag(run_id, "error", f"abandoned: {reason}")
         client.set_terminated(run_id, status="KILLED")
