@@ -19,6 +19,7 @@ exporter needs ``onnxscript`` as well); the loaded PyTorch model can be passed t
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 
 from jpqbench.data import DataBundle
 from jpqbench.evaluate import evaluate
-from jpqbench.export.artifact import _PREFIX, read, to_bytes, to_model
+from jpqbench.export.artifact import _PREFIX, quantize_activations, read, to_bytes, to_model
 from jpqbench.export.build import build_artifact
 from jpqbench.export.latency import latency_figures
 from jpqbench.plan import CompressionPlan
@@ -52,7 +53,8 @@ def export_run(compressed: nn.Module, plan: CompressionPlan, *, model_name: str,
     tmp.write_bytes(raw)
     tmp.replace(path)
     stored = read(path)  # the file, not the in-memory artifact: what a user would load
-    exported, physical = to_model(stored), to_model(stored, quantize_inputs=False)
+    physical = to_model(stored, quantize_inputs=False)
+    exported = quantize_activations(copy.deepcopy(physical), stored)
     with torch.no_grad():
         output_diff = float((exported(batch) - compressed.eval()(batch)).abs().max())
     export_top1 = evaluate(exported, data, "test", batch_size)["top1"]

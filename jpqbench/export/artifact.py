@@ -272,16 +272,20 @@ def to_model(artifact: Artifact, quantize_inputs: bool = True) -> nn.Module:
         layer.weight.copy_(record.weight())
         if record.bias is not None:
             layer.bias.copy_(torch.from_numpy(record.bias))
-    if quantize_inputs:
-        make_compressible(model)
-        layers = compressible_layers(model)
-        for record in artifact.layers:
-            if record.input is not None:
-                layers[record.name].input_quantizer = record.input
-        for name, table in artifact.operators.items():
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, InputStaircase(table, getattr(owner, child)))
+    return quantize_activations(model, artifact) if quantize_inputs else model.eval()
+
+
+def quantize_activations(model: nn.Module, artifact: Artifact) -> nn.Module:
+    """Install ``artifact``'s activation staircases on the float physical ``model`` (in place)."""
+    make_compressible(model)
+    layers = compressible_layers(model)
+    for record in artifact.layers:
+        if record.input is not None:
+            layers[record.name].input_quantizer = record.input
+    for name, table in artifact.operators.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, InputStaircase(table, getattr(owner, child)))
     return model.eval()
 
 
