@@ -72,7 +72,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     model = config.recipe(args.dataset, args.model).model
     out = Path(args.out) if args.out else default_checkpoint(config, args.dataset, model, args.seed)
     result = pretrain(config, args.dataset, model, args.seed, out)
-    print(f"pretrained {out}: val top-1 {result['val_top1']:.4f}")
+    if result:  # empty in the ranks other than 0 of a torchrun launch, which write nothing
+        print(f"pretrained {out}: val top-1 {result['val_top1']:.4f}")
 
 
 def _budgets(args: argparse.Namespace) -> list:

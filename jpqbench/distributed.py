@@ -66,6 +66,10 @@ def check_launch(method_name: str, method_cls: type[Method], batch_size: int, pr
         raise UserError(f"method {method_name!r} runs in a single process only (its search or projection is "
                         f"global, see methods/{method_name.partition('[')[0]}.py) but {processes} processes "
                         "were launched", "run it without torchrun / --nproc")
+    _check_split(batch_size, processes)
+
+
+def _check_split(batch_size: int, processes: int) -> None:
     if batch_size % processes:
         raise UserError(f"the recipe's batch_size {batch_size} (the global batch) does not divide by the "
                         f"{processes} processes", f"launch a number of processes that divides {batch_size}")
@@ -78,6 +82,7 @@ def shard_steps(samples: int, batch_size: int) -> tuple[int, int]:
     equal length) in batches of ``batch_size / N``; with N = 1 this is the plain loader.
     """
     processes = world_size()
+    _check_split(batch_size, processes)
     per_process = batch_size // processes
     return per_process, math.ceil(math.ceil(samples / processes) / per_process)
 
@@ -88,8 +93,16 @@ def training_group(model: nn.Module) -> Iterator[nn.Module]:
     inside a gloo process group that lives as long as the block.
 
     DDP broadcasts rank 0's parameters and buffers when it wraps the model, so every rank
-    starts the phase from the same weights; the block ends with a barrier, so rank 0's last
-    checkpoint is on disk before any rank goes on.
+    starts the phase from the same weights, and averages the gradients, so the parameters stay
+    equal. Buffers are not averaged: each rank's last forward updates its batch-norm running
+    statistics with its own batch, so the block ends by copying rank 0's buffers to every rank
+    -- the ranks leave a training phase bit-identical, and whatever the method does next
+    (calibrate, prune, search) it does alike everywhere. A barrier then makes sure rank 0's
+    last checkpoint is on disk before any rank goes on.
+
+    ``find_unused_parameters``: methods train parameters that some steps do not use (a
+    quantizer switched off for a phase, a gate frozen), which plain DDP refuses; the cost is
+    one walk of the autograd graph per step.
     """
     if world_size() <= 1:
         yield model
@@ -98,7 +111,9 @@ def training_group(model: nn.Module) -> Iterator[nn.Module]:
         raise RuntimeError("a process group is already active: training phases cannot nest")
     dist.init_process_group("gloo")
     try:
-        yield nn.parallel.DistributedDataParallel(model)
+        yield nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (jpqbench.distributed), with gloo and 2 CPU processes.
 
-* fit in 2 ranks: the ranks end bit-identical; the first step's averaged gradient is the
+* fit in 2 ranks: the ranks end bit-identical, batch-norm statistics included; the first step's averaged gradient is the
   gradient of one process on the union of the two ranks' batches (the recipe's batch_size is
   the global batch), and the step count and schedule are a single-process run's;
 * `jpqbench run --nproc 2` (torchrun) on a real method: the run completes, metrics.json is
@@ -42,6 +42,11 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+def _bn_model() -> nn.Module:
+    torch.manual_seed(1)  # batch norm: running statistics are buffers, updated by each rank's own batches
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
 class _Recorder(TrainHooks):
     """Records the first training batch a process sees, the gradients of the first step and
     how many optimizer steps were taken."""
@@ -73,7 +78,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    torch.save(_train(_model(), Path(out) / "train.pt"), Path(out) / f"rank{rank}.pt")
+    trained = _train(_model(), Path(out) / "train.pt")
+    bn_model = _bn_model()
+    fit(bn_model, _data(), SPEC, seed=0, phase="bn")
+    torch.save({**trained, "bn_state": bn_model.state_dict()}, Path(out) / f"rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -89,8 +97,9 @@ def test_two_ranks_stay_identical_and_step_on_the_global_batch(tmp_path: Path, m
     mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
 
-    for key, value in ranks[0]["state"].items():
-        assert torch.equal(value, ranks[1]["state"][key]), f"ranks differ in {key}"
+    for state in ("state", "bn_state"):  # parameters and buffers (batch-norm statistics) alike
+        for key, value in ranks[0][state].items():
+            assert torch.equal(value, ranks[1][state][key]), f"ranks differ in {key}"
     assert (tmp_path / "train.pt").is_file()  # rank 0's epoch checkpoint
 
     # each rank took half the global batch, from disjoint shards
