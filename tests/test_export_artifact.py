@@ -80,7 +80,9 @@ def test_artifact_size_of_a_known_plan_equals_the_hand_count(digits_export) -> N
     bit_widths = channels  # one byte per channel
     scales = channels * (4 + 2)  # float32 scale + int16 zero point
     biases = (channels - 10) * 4 + 10 * 4  # BN folded into the six convs, the classifier's own bias
-    tables = 7 * (256 + 255) * 4  # 8-bit asymmetric inputs: 256 levels, 255 thresholds
+    # 8-bit asymmetric inputs, stored affine: scale, zero, t0, step and 255 int16 threshold offsets
+    assert all(layer.input.levels.numel() == 256 for layer in built.artifact.layers)
+    tables = 7 * (4 + 4 + 8 + 8 + 255 * 2)
     header = _PREFIX.size + _PREFIX.unpack_from(raw)[2]
     assert len(raw) == header + codes + bit_widths + scales + biases + tables
     # the counter charges the codes and the classifier's bias; the rest is the stated overhead

@@ -71,3 +71,36 @@ def test_a_non_monotone_or_too_fine_function_is_refused() -> None:
         find_staircase(lambda x: torch.round(x * 3).clamp(-10, 10), 4)
     with pytest.raises(UserError, match="layer l's input"):
         staircase_of("layer l's input", _uniform(8, "asymmetric", learn=False), 4, torch.randn(100))
+
+
+def _round_trip(table: Staircase) -> tuple[Staircase, dict, int]:
+    import io
+
+    from jpqbench.export.tables import decode, encode
+
+    data, entry = encode(table)
+    stream = io.BytesIO(data)
+    back = decode(lambda n, what: stream.read(n), entry, "t")
+    assert stream.read() == b""  # the decoder reads exactly what the encoder wrote
+    return back, entry, len(data)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_uniform_tables_are_stored_affine_and_decode_bit_for_bit(bits: int) -> None:
+    table = staircase_of("x", _uniform(bits, "asymmetric", learn=True), bits, _probe()[:4096])
+    back, entry, size = _round_trip(table)
+    assert entry["encoding"] == "affine" and size == 24 + 2 * (2 ** bits - 1)
+    assert torch.equal(back.levels, table.levels) and torch.equal(back.thresholds, table.thresholds)
+
+
+def test_nonuniform_and_masked_tables_are_stored_as_floats_and_decode_bit_for_bit() -> None:
+    quantizer = LearnedQuantizer(True, learn_exponent=True, init_bits=16)
+    quantizer.initialize_range(2.0, -2.0)
+    quantizer.t.data.fill_(0.8)  # thresholds on a power curve: not affine
+    quantizer.freeze(5)
+    table = staircase_of("x", quantizer.eval(), 5, _probe()[:4096])
+    table = Staircase(table.levels, table.thresholds, (torch.arange(12) % 2).float().view(3, 4))
+    back, entry, size = _round_trip(table)
+    assert entry["encoding"] == "float" and size == 4 * (2 * table.levels.numel() - 1) + 2
+    assert torch.equal(back.levels, table.levels) and torch.equal(back.thresholds, table.thresholds)
+    assert torch.equal(back.mask, table.mask)

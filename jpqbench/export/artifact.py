@@ -15,10 +15,11 @@ the output channels physically removed -- the loader removes them again with tor
 dependency groups included, and folds BN away: :mod:`jpqbench.export.physical`),
 ``payload_bytes``, ``payload_crc32``, and ``layers``: per conv/linear layer in module order,
 ``name``, ``shape`` (the weight's shape after removal), ``bias`` (bool), and ``input``: null,
-or ``{"levels": L, "mask_shape": [...] | null}`` for a quantized (or masked) layer input;
-``L = 0`` marks a float input that is only masked. ``operators``: activation operators on the
-input of other modules (noncomm's P+Q before a ReLU), ``{"module": name, "levels": L,
-"mask_shape": ...}`` each; their tables follow the last layer block, in header order.
+or ``{"levels": L, "encoding": "affine" | "float", "mask_shape": [...] | null}`` for a
+quantized (or masked) layer input; ``L = 0`` marks a float input that is only masked.
+``operators``: activation operators on the input of other modules (noncomm's P+Q before a
+ReLU), ``{"module": name, "levels": L, "encoding": ..., "mask_shape": ...}`` each; their
+tables follow the last layer block, in header order.
 
 Layer block, for a weight of shape ``(C, ...)`` with ``n = numel / C`` weights per channel:
 
@@ -30,16 +31,18 @@ Layer block, for a weight of shape ``(C, ...)`` with ``n = numel / C`` weights p
     ceil(S / 8) bytes    the codes: channel after channel, ``n`` codes of ``b_c`` bits each,
                          LSB first (``S = n * sum b_c``; :mod:`jpqbench.export.packing`); a float32
                          channel's codes are its IEEE-754 bit patterns
-    if ``input``:  a table -- 4 * L bytes levels, 4 * max(L - 1, 0) bytes thresholds (float32;
-                   the input quantizer as a staircase, :mod:`jpqbench.export.staircase`), and
-                   ceil(M / 8) bytes of 0/1 activation mask (M = prod(mask_shape), packed LSB
-                   first) when ``mask_shape`` is not null
+    if ``input``:  a table -- the input quantizer as a staircase (:mod:`jpqbench.export.staircase`):
+                   "affine": float32 scale, int32 zero, float64 t0 and step, int16 offsets of
+                   the L - 1 thresholds; "float": 4 * L bytes levels and 4 * max(L - 1, 0) bytes
+                   thresholds (:mod:`jpqbench.export.tables`); then ceil(M / 8) bytes of 0/1
+                   activation mask (M = prod(mask_shape), packed LSB first) when ``mask_shape``
+                   is not null
 
     then one table per operator, as above.
 
 A quantized weight is ``float32(scale * (code + zero))`` (BN's per-channel factor is already in
 ``scale``). Everything but the codes and the counted biases is overhead with respect to the
-cost counter's ``weight_bits`` (:func:`size_breakdown` computes it exactly).
+cost counter's ``weight_bits`` (:class:`jpqbench.export.build.SizeBreakdown` computes it exactly).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ from jpqbench.errors import UserError
 from jpqbench.export.packing import pack, packed_size, unpack
 from jpqbench.export.physical import batchnorm_pairs, build, prune_physically, strip_batchnorm
 from jpqbench.export.staircase import Staircase
+from jpqbench.export.tables import decode, encode
 from jpqbench.layers import compressible_layers, make_compressible
 
 MAGIC = b"JPQA"
@@ -119,14 +123,6 @@ class InputStaircase(nn.Module):
         return self.module(self.staircase(x))
 
 
-def _table_bytes(table: Staircase) -> tuple[bytes, dict]:
-    parts = [table.levels.numpy().astype("<f4").tobytes(), table.thresholds.numpy().astype("<f4").tobytes()]
-    if table.mask is not None:
-        parts.append(np.packbits(table.mask.numpy().reshape(-1).astype(np.uint8), bitorder="little").tobytes())
-    return b"".join(parts), {"levels": int(table.levels.numel()),
-                             "mask_shape": None if table.mask is None else list(table.mask.shape)}
-
-
 def _layer_bytes(layer: LayerRecord) -> tuple[bytes, dict]:
     parts = [layer.bits.astype("u1").tobytes(), layer.scales.astype("<f4").tobytes(),
              layer.zeros.astype("<i2").tobytes()]
@@ -135,7 +131,7 @@ def _layer_bytes(layer: LayerRecord) -> tuple[bytes, dict]:
     parts.append(pack(layer.codes, layer.bits.tolist()))
     entry = {"name": layer.name, "shape": list(layer.shape), "bias": layer.bias is not None, "input": None}
     if layer.input is not None:
-        table, entry["input"] = _table_bytes(layer.input)
+        table, entry["input"] = encode(layer.input)
         parts.append(table)
     return b"".join(parts), entry
 
@@ -144,7 +140,7 @@ def to_bytes(artifact: Artifact) -> bytes:
     blocks, entries = zip(*[_layer_bytes(layer) for layer in artifact.layers]) if artifact.layers else ((), ())
     operators = []
     for name, table in artifact.operators.items():
-        block, entry = _table_bytes(table)
+        block, entry = encode(table)
         blocks += (block,)
         operators.append({"module": name, **entry})
     payload = b"".join(blocks)
@@ -196,16 +192,7 @@ def _parse_layer(reader: _Reader, entry: dict) -> LayerRecord:
 
 
 def _parse_table(reader: _Reader, entry: dict, what: str) -> Staircase:
-    levels = int(entry["levels"])
-    level_values = reader.array("<f4", levels, f"{what} levels")
-    thresholds = reader.array("<f4", max(levels - 1, 0), f"{what} thresholds")
-    mask = None
-    if entry["mask_shape"] is not None:
-        mask_shape = tuple(int(s) for s in entry["mask_shape"])
-        size = math.prod(mask_shape)
-        raw = reader.array("u1", (size + 7) // 8, f"{what} mask")
-        mask = torch.from_numpy(np.unpackbits(raw, bitorder="little")[:size].astype(np.float32).reshape(mask_shape))
-    return Staircase(torch.from_numpy(level_values), torch.from_numpy(thresholds), mask)
+    return decode(reader.take, entry, what)
 
 
 def from_bytes(data: bytes, source: str = "artifact") -> Artifact:

@@ -20,7 +20,7 @@ where the layer has one. The file holds exactly that (``counted``) plus:
   pruned channel whose residual or depthwise partner lives on); 0 for group-consistent plans;
 * ``padding``      -- each layer's code stream padded to a whole byte (< 8 bits per layer);
 * ``activations``  -- the activation staircases (layer inputs, and noncomm's operators before
-  its ReLUs): float32 levels and thresholds, and noncomm's activation-mask bitmaps.
+  its ReLUs) as :mod:`jpqbench.export.tables` encodes them, and noncomm's activation-mask bitmaps.
 
 noncomm's unstructured weight zeros are stored *dense* at their bit width (a zero is code
 ``-zero``), so its artifact is compared with the dense ``weight_bits``; the counter's
@@ -43,6 +43,7 @@ from jpqbench.export.codes import MAX_QUANT_BITS, layer_grids
 from jpqbench.export.packing import packed_size
 from jpqbench.export.physical import batchnorm_pairs, fold_batchnorm, fold_factors, plain_model, prune_physically
 from jpqbench.export.staircase import Staircase, staircase_of
+from jpqbench.export.tables import encoded_bits
 from jpqbench.layers import observe_inputs
 from jpqbench.plan import CompressionPlan
 
@@ -224,6 +225,4 @@ def _account(size: SizeBreakdown, record: LayerRecord, original: nn.Module, kept
 
 
 def _account_table(size: SizeBreakdown, table: Staircase) -> None:
-    size.activations += FLOAT_BITS * (table.levels.numel() + table.thresholds.numel())
-    if table.mask is not None:
-        size.activations += 8 * ((table.mask.numel() + 7) // 8)
+    size.activations += encoded_bits(table)
