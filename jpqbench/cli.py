@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int | None:
 
 def cmd_cost(args: argparse.Namespace) -> None:
     from jpqbench.cost import count
-    from jpqbench.plan import CompressionPlan, with_uniform_bits
+    from jpqbench.plan import CompressionPlan, PlanMismatch, check_fits, with_uniform_bits
     from jpqbench.registry import DATASETS, MODELS
 
     builder = MODELS.get(args.model)
@@ -161,6 +161,11 @@ def cmd_cost(args: argparse.Namespace) -> None:
     if args.plan and (args.w_bits or args.a_bits):
         raise UserError("--plan and --w-bits/--a-bits are exclusive", "pass either a plan or uniform bit widths")
     plan = CompressionPlan.load(args.plan) if args.plan else CompressionPlan.dense(model)
+    try:
+        check_fits(plan, model)  # a plan.json edited or written for another model is refused, not counted
+    except PlanMismatch as error:
+        raise UserError(f"plan does not fit model {args.model}: {error.problem}",
+                        "pass a plan written for this model") from None
     if args.w_bits or args.a_bits:
         plan = with_uniform_bits(plan, args.w_bits or 32, args.a_bits or 32)
     try:

@@ -179,17 +179,30 @@ class PlanMismatch(UserError):
     """A plan that does not describe its model."""
 
 
+def check_fits(plan: CompressionPlan, model: nn.Module) -> None:
+    """Raise :class:`PlanMismatch` unless ``plan`` names exactly ``model``'s conv/linear layers,
+    each with the layer's number of output channels (the counter would otherwise charge a
+    plan's per-channel bits against channels the layer does not have)."""
+    layers = _conv_linear(model)
+    if set(layers) != set(plan.layers):
+        missing, extra = set(layers) - set(plan.layers), set(plan.layers) - set(layers)
+        raise PlanMismatch(f"plan layers do not match the model (missing {sorted(missing)}, unknown {sorted(extra)})",
+                           "the method must write a plan for exactly the model it returns")
+    wrong = [f"{name} ({plan.layers[name].out_channels} in the plan, {layer.weight.shape[0]} in the model)"
+             for name, layer in layers.items() if plan.layers[name].out_channels != layer.weight.shape[0]]
+    if wrong:
+        raise PlanMismatch(f"plan's output channel counts do not match the model: {', '.join(wrong[:5])}",
+                           "the method must write a plan for exactly the model it returns")
+
+
 @torch.no_grad()
 def verify_plan(plan: CompressionPlan, model: nn.Module, batch: torch.Tensor) -> None:
     """Raise :class:`PlanMismatch` unless ``plan`` truthfully describes ``model`` (see module doc)."""
     from jpqbench.cost import input_liveness
 
     plan.validate()
+    check_fits(plan, model)
     layers = _conv_linear(model)
-    if set(layers) != set(plan.layers):
-        missing, extra = set(layers) - set(plan.layers), set(plan.layers) - set(layers)
-        raise PlanMismatch(f"plan layers do not match the model (missing {sorted(missing)}, unknown {sorted(extra)})",
-                           "the method must write a plan for exactly the model it returns")
     alive_inputs = input_liveness(model, tuple(batch.shape[1:]), plan)
     seen_inputs: dict[str, torch.Tensor] = {}
     observe_inputs(model, layers, [batch],

@@ -13,10 +13,13 @@ A compression run:
 6. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
-run id): a killed run resumes from its last epoch and ends with the same result. The folder
-also records the inputs it was made for (method, hyperparameters, recipe, budget, seed, data
-and FP32 checkpoint): a rerun with other inputs closes the interrupted attempt's MLflow run as
-KILLED ("abandoned") and starts afresh instead of resuming from checkpoints of another run.
+run id): a killed run resumes from its last epoch and ends with the same result. Beside the
+outputs, the hidden ``.inputs.json`` and ``.mlflow_run_id`` (:class:`RunState`) record the
+inputs the run was made for (method, hyperparameters, recipe, budget, seed, data and FP32
+checkpoint) and its MLflow run: a rerun with the same inputs continues the same MLflow run
+(even after a finished run's outputs were deleted), a rerun with other inputs closes the
+interrupted attempt's MLflow run as KILLED ("abandoned") and starts afresh instead of resuming
+from checkpoints of another run.
 
 A run that diverges (a non-finite loss in training, or non-finite weights in the returned
 model) is a result, not a crash: :func:`run_or_record_divergence` (what ``jpqbench run``
@@ -103,22 +106,63 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _claim_work_dir(config: BenchConfig, work: Path, inputs: dict[str, Any]) -> None:
-    """Create ``work``, or keep it for a resume only if an earlier attempt made it for the same ``inputs``.
+@dataclass(frozen=True)
+class RunState:
+    """Where a run keeps what lets a rerun continue it: ``work`` (training checkpoints and, while
+    the run is open, its MLflow run id; removed when the run ends) and, beside its outputs, two
+    hidden files that outlive it: the inputs it was made for and its MLflow run id.
 
-    A folder made for other inputs (a changed hyperparameter, recipe, budget or checkpoint) or
-    by a version that recorded none is discarded, and the MLflow run it names is closed as
-    KILLED: resuming from it would continue another run. Under torchrun rank 0 does this.
+    Kept ids make a rerun of a finished run whose outputs were deleted -- Snakemake deletes every
+    output of a job that was killed, even the runs of a batched job that had finished -- continue
+    the same MLflow run instead of adding a second one.
     """
-    if not is_main_process():
-        return
-    stamp, text = work / "inputs.json", json.dumps(inputs, sort_keys=True, default=str)
-    if work.exists() and (not stamp.is_file() or stamp.read_text() != text):
-        print(f"discarding {work}: it was made for other inputs than this run's", file=sys.stderr)
-        abandon_run(config, work / "mlflow_run_id", "the run's inputs changed before it was resumed")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(stamp, text)
+
+    work: Path
+    kept: str  # path prefix of the kept files
+
+    @classmethod
+    def of_run(cls, out: Path) -> "RunState":
+        return cls(out / ".work", f"{out}/.")
+
+    @property
+    def inputs_file(self) -> Path:
+        return Path(f"{self.kept}inputs.json")
+
+    @property
+    def kept_id(self) -> Path:
+        return Path(f"{self.kept}mlflow_run_id")
+
+    @property
+    def id_file(self) -> Path:
+        """The MLflow run id while the run is open (what :func:`jpqbench.tracking.tracked_run` reads)."""
+        return self.work / "mlflow_run_id"
+
+    def claim(self, config: BenchConfig, inputs: dict[str, Any]) -> None:
+        """Open the state for a run with ``inputs``: an earlier attempt's state is kept (resumed)
+        only if it was made for the same inputs. State made for other inputs (a changed
+        hyperparameter, recipe, budget or checkpoint) or by a version that recorded none is
+        discarded, and an unfinished MLflow run it names is closed as KILLED ("abandoned"):
+        resuming from it would continue another run. Under torchrun rank 0 does this."""
+        if not is_main_process():
+            return
+        text = json.dumps(inputs, sort_keys=True, default=str)
+        same = self.inputs_file.is_file() and self.inputs_file.read_text() == text
+        if not same and (self.work.exists() or self.kept_id.exists()):
+            print(f"discarding {self.work}: it was made for other inputs than this run's", file=sys.stderr)
+            for id_file in (self.id_file, self.kept_id):
+                abandon_run(config, id_file, "the run's inputs changed before it was resumed")
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.kept_id.unlink(missing_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.kept_id.exists() and not self.id_file.exists():  # finished before, its outputs since deleted
+            os.replace(self.kept_id, self.id_file)
+        _atomic_write_text(self.inputs_file, text)
+
+    def release(self) -> None:
+        """The run ended: keep its MLflow run id beside the outputs, remove the work folder."""
+        if self.id_file.exists():
+            os.replace(self.id_file, self.kept_id)
+        shutil.rmtree(self.work)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -136,14 +180,15 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
     seed_everything(seed)
     model = build_model(recipe, data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.with_name(out.stem + ".work")
-    _claim_work_dir(config, work, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint})
+    state = RunState(out.with_name(out.stem + ".work"), f"{out.parent}/.{out.stem}.")
+    work = state.work
+    state.claim(config, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint})
     spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                      optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                      max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
-    with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", work / "mlflow_run_id", tags) as tracker:
+    with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", state.id_file, tags) as tracker:
         tracker.log_params({**recipe.model_dump(), "seed": seed})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
@@ -155,7 +200,7 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
         _atomic_torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
                             "num_classes": data.num_classes, "input_shape": list(data.input_shape), "seed": seed,
                             "data_hash": data.fingerprint, **figures}, out)
-    shutil.rmtree(work)
+    state.release()
     return figures
 
 
@@ -237,15 +282,16 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         (out / stale).unlink(missing_ok=True)
     epochs = request.epochs or recipe.epochs
     budget = request.budget
-    _claim_work_dir(config, work, {"method": request.method, "hparams": method.hp.model_dump(),
-                                   "recipe": recipe.model_dump(), "epochs": epochs, "seed": request.seed,
-                                   "budget": budget.key if budget else None, "data": data.fingerprint,
-                                   "checkpoint": _file_sha256(request.checkpoint)})
+    state = RunState.of_run(out)
+    state.claim(config, {"method": request.method, "hparams": method.hp.model_dump(),
+                         "recipe": recipe.model_dump(), "epochs": epochs, "seed": request.seed,
+                         "budget": budget.key if budget else None, "data": data.fingerprint,
+                         "checkpoint": _file_sha256(request.checkpoint)})
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
     run_name = GridPoint(request.dataset, request.model, request.method, budget, request.seed).run_dir(Path()).as_posix()
-    with tracked_run(config, run_name, work / "mlflow_run_id", tags) as tracker:
+    with tracked_run(config, run_name, state.id_file, tags) as tracker:
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})
         ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
@@ -288,7 +334,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             "git_commit": git_commit(),
         }
         _write_outputs(config, compressed, metrics, wall_start, out, work, tracker)
-    shutil.rmtree(work)
+    state.release()
     return metrics
 
 
@@ -300,7 +346,7 @@ def run_or_record_divergence(config: BenchConfig, request: RunRequest,
     figure empty; the MLflow run was closed as FAILED with the tags ``status`` and ``error`` by
     :func:`jpqbench.tracking.tracked_run`. No ``plan.json`` or ``model.pt`` is written: there is
     no trustworthy model to describe. Rerunning it diverges again (runs are deterministic), so
-    its work folder is removed like a finished run's.
+    its work folder is released like a finished run's.
     """
     from jpqbench.aggregate import COLUMNS  # lazily: pandas is only needed here
 
@@ -311,15 +357,15 @@ def run_or_record_divergence(config: BenchConfig, request: RunRequest,
         if not is_main_process():
             return {}
         recipe, budget = config.recipe(request.dataset, request.model), request.budget
-        id_file = request.out / ".work" / "mlflow_run_id"
+        state = RunState.of_run(request.out)
         metrics = {**dict.fromkeys(COLUMNS), "dataset": request.dataset, "model": recipe.model,
                    "method": request.method, "budget_metric": budget.metric if budget else None,
                    "budget": budget.target if budget else None, "seed": request.seed,
                    "epochs": request.epochs or recipe.epochs, "status": "diverged", "error": str(error),
-                   "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None,
+                   "mlflow_run_id": state.id_file.read_text().strip() if state.id_file.is_file() else None,
                    "data_hash": data.fingerprint, "git_commit": git_commit()}
         _atomic_write_text(request.out / "metrics.json", json.dumps(metrics, indent=1))
-        shutil.rmtree(request.out / ".work", ignore_errors=True)
+        state.release()
         return metrics
 
 

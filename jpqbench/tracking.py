@@ -234,15 +234,17 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
 
 
 def abandon_run(config: BenchConfig, id_file: Path, reason: str) -> None:
-    """Close the MLflow run ``id_file`` names (an interrupted attempt that will not be resumed) as KILLED."""
+    """Close the MLflow run ``id_file`` names -- an attempt that will not be resumed -- as KILLED,
+    unless it finished (a finished run of other inputs stays as it is)."""
     import mlflow
 
     if not id_file.is_file():
         return
     client, run_id = RetryingClient(tracking_uri(config)), id_file.read_text().strip()
     try:
-        client.set_tag(run_id, "error", f"abandoned: {reason}")
-        client.set_terminated(run_id, status="KILLED")
+        if client.get_run(run_id).info.status != "FINISHED":
+            client.set_tag(run_id, "error", f"abandoned: {reason}")
+            client.set_terminated(run_id, status="KILLED")
     except mlflow.exceptions.MlflowException:  # the run is not in this store (e.g. another tracking URI)
         pass
 
