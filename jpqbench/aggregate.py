@@ -69,6 +69,10 @@ EXPORT_COLUMNS: dict[str, str] = {
     "latency_pruned_b1_ms": "Float64",
     "latency_dense_b32_ms": "Float64",
     "latency_pruned_b32_ms": "Float64",
+    "latency_dense_b1_min_ms": "Float64",  # the fastest pass (see jpqbench/export/latency.py)
+    "latency_pruned_b1_min_ms": "Float64",
+    "latency_dense_b32_min_ms": "Float64",
+    "latency_pruned_b32_min_ms": "Float64",
     "export_time_s": "Float64",
 }
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
