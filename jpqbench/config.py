@@ -7,6 +7,7 @@ the CLI and the tests all go through :func:`load_config` / :func:`validate_confi
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,12 +181,37 @@ def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchCo
     return config
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a config could run something other than what its reader sees)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # the base loader refuses it with its own message
+                continue
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> BenchConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist", "pass an existing YAML file, e.g. config/config.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as duplicate:
+        raise UserError(f"config file {path}: key {duplicate.key!r} appears twice in one mapping "
+                        f"(line {duplicate.line})", "keep one of them: YAML would silently use the last") from None
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}", "fix the YAML syntax") from None
     if not isinstance(raw, dict):

@@ -277,3 +277,14 @@ def test_a_dataset_budget_out_of_range_is_refused() -> None:
     raw["datasets"]["digits"]["budgets"] = [1.5]
     with pytest.raises(UserError, match="budget 1.5 is out of range"):
         validate_config(raw)
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    from jpqbench.config import load_config
+
+    project_config = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+    path = tmp_path / "twice.yaml"
+    path.write_text(project_config.read_text().replace("budget_metric: bops", "budget_metric: bops\nbudget_metric: size"))
+    with pytest.raises(UserError, match="key 'budget_metric' appears twice"):
+        load_config(path)
+    assert load_config(project_config).budget_metric == "bops"

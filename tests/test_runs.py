@@ -40,7 +40,8 @@ def _metrics(out: Path) -> dict:
 
 
 def _stable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in VOLATILE and not k.endswith("_time_s")}
+    return {k: v for k, v in metrics.items()
+            if k not in VOLATILE and not k.endswith("_time_s") and not k.startswith("latency_")}
 
 
 def _methods(capsys: pytest.CaptureFixture[str]) -> list[str]:
