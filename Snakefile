@@ -93,6 +93,10 @@ def hparams_of(wildcards):
     return make_method(wildcards.method, cfg.method_params).hp.model_dump()
 
 
+# Tiny bookkeeping jobs run where snakemake runs, never through a cluster queue.
+localrules: all, tracking, aggregate, report
+
+
 rule all:
     input:
         f"{RESULTS}/report",
