@@ -21,8 +21,11 @@ it does is fixed here:
   (C, H, W) (or features) chosen from mean |activation| over a window of recent batches -- the
   same positions are zero for every input -- then per-tensor quantization.
 * :func:`place_activation_operators` -- the paper's placement BN -> P -> Q -> ReLU: an
-  :class:`ActivationPQ` on the input of every ``nn.ReLU`` (:class:`PreActivationReLU`), found
-  on the model's torch.fx graph, and what each conv/linear layer's input then is (see there).
+  :class:`ActivationPQ` on the input of every ``nn.ReLU`` or ``nn.ReLU6``
+  (:class:`PreActivationReLU`, :class:`PreActivationReLU6`), found on the model's torch.fx
+  graph, and what each conv/linear layer's input then is (see there).
+* :func:`split_shared_relus` -- one ReLU module per call site in torchvision's ResNet blocks,
+  which call one ``relu`` two or three times, so that each site can carry its own operator.
 
 Window statistics live in buffers, so a run resumed from an epoch checkpoint inside a window
 ends exactly as an uninterrupted one. Operators only observe or fire in training mode; in
@@ -30,7 +33,9 @@ eval mode they are pure functions of their state.
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +71,7 @@ class Pow2Quantizer(nn.Module):
     channel). ``decimals`` are the candidate fractional bit counts (upstream: 0..19).
     """
 
-    def __init__(self, bits: int, channels: int = 1, decimals: range = range(0, 20)) -> None:
+    def __init__(self, bits: int, channels: int = 1, decimals: Sequence[int] = range(0, 20)) -> None:
         super().__init__()
         if not 2 <= bits <= 16:
             raise ValueError(f"bits must be in [2, 16], got {bits}")
@@ -183,7 +188,7 @@ class ActivationPQ(_MaskedQuantized):
     classifier's input, weight-only schedules) keeps the mask at ones and only quantizes.
     """
 
-    def __init__(self, sample_shape: torch.Size, bits: int, decimals: range, prunable: bool) -> None:
+    def __init__(self, sample_shape: torch.Size, bits: int, decimals: Sequence[int], prunable: bool) -> None:
         super().__init__()
         self.prunable = prunable
         self.register_buffer("mask", torch.ones(sample_shape))
@@ -210,6 +215,14 @@ class ActivationPQ(_MaskedQuantized):
             self.magnitude_sum.zero_()
             self.magnitude_count.zero_()
             self._prune_to = None
+
+    def structural_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What the cost counter's liveness probe should see: the static mask, not the value grid.
+
+        The probe pushes a normalised all-ones signal through the model; truncating it to the
+        grid would zero channels that real inputs keep, and the counter would undercount them.
+        """
+        return x * self.mask if self.prunable else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -238,12 +251,84 @@ class PreActivationReLU(nn.ReLU):
         return F.relu(self.pre(x), inplace=self.inplace)
 
 
+class PreActivationReLU6(PreActivationReLU, nn.ReLU6):
+    """An ``nn.ReLU6`` whose input first passes through ``pre``: BN -> P -> Q -> ReLU6 (MobileNetV2).
+
+    A subclass of :class:`PreActivationReLU`, so whatever finds the operators finds these too.
+    ``min(x, 6)`` keeps a value of the grid ``k * 2^-d`` on it when 6 is a grid point or above
+    the grid's largest value; :func:`relu6_keeps_grid` is that condition, and the placement
+    only offers the operator fractional bits ``d`` that meet it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self.pre(x), inplace=self.inplace)
+
+
+def relu6_keeps_grid(bits: int, decimal: int) -> bool:
+    """Whether ReLU6 maps the signed ``bits``-bit grid ``k * 2^-decimal`` into itself.
+
+    ``max(x, 0)`` always does; the cap ``min(x, 6)`` does when 6 is on the grid's step
+    (``6 * 2^decimal`` an integer, i.e. ``decimal >= -1``) or when no grid value exceeds 6
+    (``(2^(bits-1) - 1) * 2^-decimal <= 6``), so the cap never fires.
+    """
+    return decimal >= -1 or (2 ** (bits - 1) - 1) * 2.0 ** -decimal <= 6
+
+
+# The activations an operator can sit before, and the class each is swapped to.
+_PRE_ACTIVATION = {nn.ReLU: PreActivationReLU, nn.ReLU6: PreActivationReLU6}
+
+
+# ---------------------------------------------------------------- one ReLU module per call site
+class _SplitReLUBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock`` with one ReLU module per call site: ``relu`` after ``bn1``,
+    ``relu_1`` after the residual add (torchvision calls ``relu`` at both)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu_1(out + identity)
+
+
+class _SplitReLUBottleneck(nn.Module):
+    """torchvision's ``Bottleneck`` with one ReLU module per call site: ``relu`` after ``bn1``,
+    ``relu_1`` after ``bn2``, ``relu_2`` after the residual add (torchvision calls ``relu`` at all three)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu_1(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.relu_2(self.bn3(self.conv3(out)) + identity)
+
+
+def split_shared_relus(model: nn.Module) -> nn.Module:
+    """Give every call site of torchvision's ResNet blocks its own ReLU module, in place.
+
+    torchvision's ``BasicBlock`` and ``Bottleneck`` call one ``relu`` module two or three times;
+    a per-call-site operator needs one module per site. Each such block gets fresh
+    ``nn.ReLU`` modules ``relu_1`` (and ``relu_2``) beside ``relu``, and its class is swapped for
+    one whose forward computes the same with them -- the way the compressible layers are made:
+    no model rewrite, every conv/linear/BN keeps its name, ReLUs have no state, so
+    ``state_dict`` keys are unchanged and checkpoints load either way. Blocks already split and
+    all other modules are left alone; the model is returned for convenience.
+    """
+    resnet = sys.modules.get("torchvision.models.resnet")  # not imported: no torchvision blocks to split
+    if resnet is None:
+        return model
+    splits = {resnet.BasicBlock: (_SplitReLUBasicBlock, 1), resnet.Bottleneck: (_SplitReLUBottleneck, 2)}
+    for block in [m for m in model.modules() if type(m) in splits]:
+        cls, extra = splits[type(block)]
+        for index in range(1, extra + 1):
+            block.add_module(f"relu_{index}", nn.ReLU(inplace=block.relu.inplace))
+        block.__class__ = cls
+    return model
+
+
 # Operations that map a tensor on a power-of-two grid to a subset of the same grid (zeros stay
 # zeros): a layer reading an operator's ReLU output through these needs no quantizer of its own.
 _GRID_KEEPING_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.ZeroPad2d)
 _GRID_KEEPING_FUNCTIONS = (torch.flatten, torch.reshape)
 _GRID_KEEPING_METHODS = ("view", "reshape", "flatten", "contiguous")
-# Activations the placement has no rule for: refused rather than silently left unpruned.
+# Activations the placement has no rule for (nn.ReLU6, a Hardtanh, has one): refused rather than
+# silently left unpruned.
 _OTHER_ACTIVATIONS = (nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                       nn.Hardswish, nn.Mish)
 
@@ -327,10 +412,11 @@ def _trace(model: nn.Module) -> fx.Graph:
 
 
 def _refuse_unsupported(model: nn.Module, graph: fx.Graph, layers: dict[str, nn.Module]) -> None:
-    """A placement rule exists only for nn.ReLU modules called once and layers called once."""
+    """A placement rule exists only for nn.ReLU / nn.ReLU6 modules called once and layers called once."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
-        functional = (node.op == "call_function" and node.target in (torch.relu, torch.relu_, F.relu)) or \
+        functional = (node.op == "call_function" and node.target in (torch.relu, torch.relu_, F.relu, F.relu6,
+                                                                      F.hardtanh)) or \
             (node.op == "call_method" and node.target in ("relu", "relu_"))
         if functional:
             raise UserError(f"noncomm places P -> Q before nn.ReLU modules, but {type(model).__name__} "
@@ -339,24 +425,24 @@ def _refuse_unsupported(model: nn.Module, graph: fx.Graph, layers: dict[str, nn.
         if node.op != "call_module":
             continue
         module = model.get_submodule(node.target)
-        if isinstance(module, _OTHER_ACTIVATIONS):
-            raise UserError(f"noncomm places P -> Q before nn.ReLU only; {node.target} is {type(module).__name__}",
-                            "use a model with ReLU activations")
-        if (type(module) is nn.ReLU or node.target in layers) and calls[node.target] > 1:
+        if isinstance(module, _OTHER_ACTIVATIONS) and type(module) not in _PRE_ACTIVATION:
+            raise UserError(f"noncomm places P -> Q before nn.ReLU / nn.ReLU6 only; {node.target} is "
+                            f"{type(module).__name__}", "use a model with ReLU or ReLU6 activations")
+        if (type(module) in _PRE_ACTIVATION or node.target in layers) and calls[node.target] > 1:
             raise UserError(f"{type(model).__name__} calls module {node.target} {calls[node.target]} times; "
                             "noncomm keeps one activation mask per call site",
-                            "give every activation and layer call its own module (torchvision's ResNets "
-                            "reuse one ReLU per block)")
+                            "give every activation and layer call its own module (split_shared_relus in "
+                            "jpqbench/qsparse.py does it for torchvision's ResNet blocks)")
     missing = set(layers) - set(calls)
     if missing:
         raise UserError(f"layers {sorted(missing)} are never called in the forward pass",
                         "remove them from the model")
 
 
-def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], bits: int, decimals: range,
+def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], bits: int, decimals: Sequence[int],
                                prune: bool) -> Placement:
-    """Put an :class:`ActivationPQ` before every ``nn.ReLU`` of a compressible ``model`` but the
-    last one called, and a quantizer at the input of every layer that needs its own.
+    """Put an :class:`ActivationPQ` before every ``nn.ReLU`` / ``nn.ReLU6`` of a compressible
+    ``model`` but the last one called, and a quantizer at the input of every layer that needs its own.
 
     The paper prunes and quantizes activations between BN and ReLU (BN -> P -> Q -> ReLU);
     placed on the ReLU's input, the operator is exactly there after every conv-BN, and after a
@@ -365,13 +451,20 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
     instead of the sum of two grids. The last ReLU stays float and unpruned, as upstream's
     example leaves its last one; the classifier's input is then quantized, not pruned, by its
     own quantizer, like the network input and any input not on an operator's grid (after an
-    average pool, for instance). Without ``prune`` the operators only quantize.
+    average pool, or MobileNetV2's linear bottleneck, for instance). Without ``prune`` the
+    operators only quantize.
+
+    torchvision's ResNet blocks are first given one ReLU module per call site
+    (:func:`split_shared_relus`). A ReLU6 operator chooses its fractional bits only among the
+    ``decimals`` for which ReLU6 keeps its grid (:func:`relu6_keeps_grid`; with the default
+    0..19, all), so the claim that its consumers read ``bits``-bit grid values stays true.
     """
+    split_shared_relus(model)
     layers = compressible_layers(model)
     graph = _trace(model)
     _refuse_unsupported(model, graph, layers)
     relus = [node.target for node in graph.nodes
-             if node.op == "call_module" and type(model.get_submodule(node.target)) is nn.ReLU]
+             if node.op == "call_module" and type(model.get_submodule(node.target)) in _PRE_ACTIVATION]
     sites = relus[:-1]
     if prune and not sites:
         raise UserError(f"noncomm prunes activations before nn.ReLU modules, and {type(model).__name__} "
@@ -379,7 +472,15 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
     shapes: dict[str, torch.Size] = {}
     observe_inputs(model, {**{name: model.get_submodule(name) for name in sites}, **layers},
                    [torch.zeros(1, *input_shape)], lambda name, module, x: shapes.setdefault(name, x.shape[1:]))
-    pre = {name: ActivationPQ(shapes[name], bits, decimals, prunable=prune) for name in sites}
+    relu6_decimals = [d for d in decimals if relu6_keeps_grid(bits, d)]
+    pre: dict[str, ActivationPQ] = {}
+    for name in sites:
+        relu6 = type(model.get_submodule(name)) is nn.ReLU6
+        if relu6 and not relu6_decimals:
+            raise UserError(f"ReLU6 moves {bits}-bit values of the grid k * 2^-d off it for every d in "
+                            f"{list(decimals)}",
+                            "let decimal_range include a d >= -1 (the default is 0..19)")
+        pre[name] = ActivationPQ(shapes[name], bits, relu6_decimals if relu6 else decimals, prunable=prune)
     calls = {node.target: node for node in graph.nodes if node.op == "call_module" and node.target in layers}
     own: dict[str, ActivationPQ] = {}
     fed_by: dict[str, tuple[str, list[fx.Node]]] = {}
@@ -394,6 +495,6 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
             own[name] = layer.input_quantizer = ActivationPQ(shapes[name], bits, decimals, prunable=False)
     for name, op in pre.items():
         relu = model.get_submodule(name)
-        relu.__class__ = PreActivationReLU
+        relu.__class__ = _PRE_ACTIVATION[type(relu)]
         relu.pre = op
     return Placement(model, pre, own, fed_by)

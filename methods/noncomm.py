@@ -124,14 +124,23 @@ class NonCommutative(Method):
     Choices the paper leaves open or that differ from upstream (each a hyperparameter or noted):
 
     * placement (:func:`jpqbench.qsparse.place_activation_operators`): the activation operator
-      sits on the input of every ``nn.ReLU`` (found on the torch.fx graph), so after conv-BN it is
-      the paper's BN -> P -> Q -> ReLU, and mean |x| and the MSE of ``d`` are taken on the BN
-      output. In a residual block the ReLU follows the add, so the *sum* is pruned and quantized
+      sits on the input of every ``nn.ReLU`` / ``nn.ReLU6`` (found on the torch.fx graph), so
+      after conv-BN it is the paper's BN -> P -> Q -> ReLU, and mean |x| and the MSE of ``d``
+      are taken on the BN output. In a residual block the ReLU follows the add, so the *sum* is pruned and quantized
       (upstream's MobileNetV2 prunes and quantizes after its adds); the body's last BN output is
       not quantized on its own, which keeps the next block's input on one ``bits``-bit grid
       (a sum of two grids would need more). The block input read by body and shortcut has one
-      operator. Models that reuse one ReLU module, apply ReLU as a function or use other
-      activations are refused;
+      operator. torchvision's ResNet blocks call one ``relu`` module at two or three sites; each
+      site first gets a ReLU module of its own (:func:`jpqbench.qsparse.split_shared_relus`:
+      parameter-free ``relu_1``/``relu_2`` beside ``relu`` and a class swap of the block, so
+      every conv/linear/BN name and ``state_dict`` key stays), hence one mask per site.
+      ``nn.ReLU6`` (MobileNetV2) is treated as ReLU, with the operator's fractional bits ``d``
+      limited to those for which ``min(x, 6)`` keeps the grid (6 a grid point or above its
+      largest value: every ``d >= -1``, so all of the default range), so what its consumers are
+      claimed to read stays true. MobileNetV2's block outputs (linear bottlenecks, residual
+      sums) reach the next expansion conv without an activation, so that conv quantizes its
+      own input and it is not pruned (upstream prunes there too). Models that reuse any other
+      activation module, apply ReLU as a function or use other activations are refused;
     * the last ReLU called stays float and unpruned (upstream's example leaves its last one), and
       a layer whose input is not an operator's ReLU output reached through max-pool / flatten /
       zero-pad -- the network input, the classifier's input after average pooling, VGG7's last

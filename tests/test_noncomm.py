@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -23,8 +26,8 @@ from jpqbench.errors import UserError
 from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
 from jpqbench.methods_api import Budget, RunContext, get_method
 from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, verify_plan, with_uniform_bits
-from jpqbench.qsparse import (ActivationPQ, Pow2Quantizer, PreActivationReLU, WeightPQ, place_activation_operators,
-                              quantize_pow2)
+from jpqbench.qsparse import (ActivationPQ, Pow2Quantizer, PreActivationReLU, PreActivationReLU6, WeightPQ,
+                              place_activation_operators, quantize_pow2, relu6_keeps_grid, split_shared_relus)
 from jpqbench.registry import MODELS
 
 SHAPE = (1, 8, 8)
@@ -301,13 +304,110 @@ class _DataDependent(_SharedReLU):
         return self.c(self.b(self.a(x))) if x.sum() > 0 else self.c(x)
 
 
+class _Hardtanh(_SharedReLU):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.Hardtanh(-1.0, 1.0)  # a Hardtanh like ReLU6, but not ReLU6
+
+
 @pytest.mark.parametrize("model, message", [(_SharedReLU(), "calls module relu 2 times"),
                                             (_FunctionalReLU(), "applies ReLU as a function"),
-                                            (_SiLU(), "relu is SiLU"), (_DataDependent(), "cannot be traced")],
-                         ids=["shared", "functional", "silu", "untraceable"])
+                                            (_SiLU(), "relu is SiLU"), (_Hardtanh(), "relu is Hardtanh"),
+                                            (_DataDependent(), "cannot be traced")],
+                         ids=["shared", "functional", "silu", "hardtanh", "untraceable"])
 def test_models_without_one_relu_module_per_activation_are_refused(model: nn.Module, message: str) -> None:
     with pytest.raises(UserError, match=message):
         place_activation_operators(make_compressible(model), (4,), 4, range(0, 8), prune=True)
+
+
+# ---------------------------------------------------------------- torchvision models: shared ReLUs, ReLU6
+def _module_calls(model: nn.Module) -> Counter:
+    return Counter(node.target for node in fx.symbolic_trace(model).graph.nodes if node.op == "call_module")
+
+
+@pytest.mark.parametrize("model_name, sites", [("resnet18", 1 + 8 * 2), ("resnet50", 1 + 16 * 3)])
+def test_torchvision_resnet_blocks_get_one_relu_per_call_site_same_names_same_outputs(model_name: str,
+                                                                                      sites: int) -> None:
+    torch.manual_seed(0)
+    model = MODELS.get(model_name)(10, (3, 32, 32)).eval()
+    batch = torch.randn(2, 3, 32, 32)
+    keys, expected = list(model.state_dict()), model(batch)
+    assert max(_module_calls(model).values()) > 1  # torchvision calls each block's relu 2 or 3 times
+    split_shared_relus(model)
+    assert list(model.state_dict()) == keys  # checkpoints, plans and the cost counter key on these names
+    assert torch.equal(model(batch), expected)
+    calls = _module_calls(model)
+    relus = [name for name, module in model.named_modules() if type(module) is nn.ReLU]
+    assert len(relus) == sites and all(calls[name] == 1 for name in relus)
+    names = [name for name, _ in model.named_modules()]
+    split_shared_relus(model)  # idempotent
+    assert [name for name, _ in model.named_modules()] == names
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_placement_on_torchvision_models_gives_an_honest_plan(model_name: str) -> None:
+    """Every ReLU / ReLU6 call site but the last carries an operator; the layers reading them get
+    the operator's grid (ReLU6 included: non-negative, at most 6) and the plan is true."""
+    shape, bits = (3, 32, 32), 4
+    torch.manual_seed(0)
+    model = make_compressible(MODELS.get(model_name)(10, shape))
+    activation = nn.ReLU6 if model_name == "mobilenet_v2" else nn.ReLU
+    split_shared_relus(model)
+    sites = [name for name, module in model.named_modules() if type(module) is activation]
+    placement = place_activation_operators(model, shape, bits, range(0, 20), prune=True)
+    assert len(placement.pre_activation) == len(sites) - 1
+    kind = PreActivationReLU6 if activation is nn.ReLU6 else PreActivationReLU
+    assert all(type(model.get_submodule(name)) is kind for name in placement.pre_activation)
+    batch = torch.randn(8, *shape)
+    for op in placement.operators():
+        op.arm(prune_to=0.5, observe_magnitude=True, observe=True, switch_on=True)
+    model.train()(batch)
+    plan = plan_from_model(model.eval(), "noncomm")
+    placement.claim_inputs(plan)
+    verify_plan(plan, model, batch)
+    layers = list(compressible_layers(model))
+    assert set(placement.fed_by) | set(placement.own_input) == set(layers)
+    if activation is nn.ReLU:  # every input but the network's and the pooled classifier's is an operator's output
+        assert set(placement.own_input) == {layers[0], layers[-1]}
+    else:  # MobileNetV2's linear bottlenecks feed the next block's expansion without an activation
+        assert len(placement.fed_by) > len(layers) / 2
+    inputs: dict[str, torch.Tensor] = {}
+    observe_inputs(model, compressible_layers(model), [batch], lambda name, layer, x: inputs.setdefault(name, x))
+    for name, (relu, _) in placement.fed_by.items():
+        x, decimal = inputs[name], placement.pre_activation[relu].quantizer.decimal
+        assert _on_grid(x, bits, decimal) and x.min() >= 0 and (x.max() <= 6 or activation is nn.ReLU), name
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_relu6_keeps_the_grid_exactly_when_relu6_keeps_grid_says_so(bits: int) -> None:
+    verdicts = []
+    for decimal in range(-6, 6):
+        grid = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1)) * 2.0 ** -decimal
+        verdicts.append(relu6_keeps_grid(bits, decimal))
+        assert (set(F.relu6(grid).tolist()) <= set(grid.tolist())) == verdicts[-1], decimal
+    assert not all(verdicts) and any(verdicts)
+
+
+def test_relu6_operators_choose_only_fractional_bits_that_keep_their_grid() -> None:
+    """With negative candidates, the ReLU6 operator is offered only d where min(x, 6) stays on
+    k * 2^-d (here d >= -1); the ReLU operator keeps every candidate; none at all is refused."""
+    def model() -> nn.Module:
+        return make_compressible(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU6(),
+                                               nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+
+    net = model()
+    placement = place_activation_operators(net, (4,), 4, range(-4, 4), prune=False)
+    assert set(placement.pre_activation) == {"1", "3"}
+    assert type(net[3]) is PreActivationReLU6 and type(net[1]) is PreActivationReLU
+    assert net[1].pre.quantizer.candidates.tolist() == list(range(-4, 4))
+    assert net[3].pre.quantizer.candidates.tolist() == list(range(-1, 4))
+    for op in placement.operators():
+        op.arm(observe=True, switch_on=True)
+    net.train()(torch.randn(16, 4) * 20)
+    out = net[3].eval()(torch.randn(64, 8) * 20)
+    assert _on_grid(out, 4, net[3].pre.quantizer.decimal) and 0 <= out.min() and out.max() <= 6
+    with pytest.raises(UserError, match="ReLU6 moves 4-bit values"):
+        place_activation_operators(model(), (4,), 4, range(-4, -2), prune=False)
 
 
 def test_quantizer_truncates_saturates_and_passes_gradients_straight_through() -> None:
