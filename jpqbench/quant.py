@@ -108,7 +108,9 @@ class UniformQuantizer(nn.Module):
                                    "or run a training-mode batch first")
             self._initialize(x)
         step = self.step
-        if self.learn_step:
+        if self.learn_step and torch.is_grad_enabled():
+            # only where a gradient will flow: (x - x*f) + x*f is x up to one float32 rounding
+            # that depends on the tensor's size, and evaluation must not
             step = scale_grad(step, 1.0 / (x.numel() / self.channels * self.q_max) ** 0.5)
         step = self._view(step, x)
         zero = self._view(self.zero_point, x)

@@ -178,3 +178,17 @@ def test_minmax_observer_tracks_running_range() -> None:
     obs(torch.tensor([[1.0, -2.0], [3.0, 4.0]]))
     obs(torch.tensor([[-5.0, 0.0], [2.0, 9.0]]))
     assert obs.x_min.tolist() == [-5.0, 2.0] and obs.x_max.tolist() == [1.0, 9.0]
+
+
+def test_lsq_evaluation_does_not_depend_on_the_batch_it_is_part_of() -> None:
+    """The gradient scale is for training only: under no_grad a sample quantizes the same alone
+    or inside any batch (the exported artifact reads quantizers on tensors of its own size)."""
+    q = UniformQuantizer(4, "symmetric", channels=1, learn_step=True).train()
+    q(torch.randn(64, 3))
+    q.step.data.fill_(0.1)  # (s - s*f) + s*f rounds away from s = 0.1 for some sizes, e.g. 12 elements
+    q.eval()
+    sample = torch.linspace(-1, 1, 12).reshape(4, 3)
+    with torch.no_grad():
+        alone, in_batch = q(sample), q(torch.cat([sample, torch.randn(5, 3)]))[:4]
+    assert torch.equal(alone, in_batch)
+    assert torch.equal(alone, torch.clamp(torch.round(sample / 0.1), -7, 7) * torch.tensor(0.1))
