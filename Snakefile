@@ -42,10 +42,11 @@ RUNS = f"{RESULTS}/runs"
 TRACKING = f"{RESULTS}/.tracking-ready"
 CHECKPOINT = RESULTS + "/checkpoints/{dataset}/{model}/s{seed}.pt"
 GRID = grid(cfg)
-# metrics.json, written last, marks a finished run; model.jpq is the run's real artifact, exported
-# inside the compress job's process right after the run (jpqbench/export: a job per export would
-# pay seconds of imports per run)
-RUN_FILES = ["plan.json", "metrics.json", "model.pt", "model.jpq"]
+# metrics.json, written last, marks a finished run -- finished with results (status ok: then
+# plan.json, model.pt and model.jpq, the real artifact exported inside the job's process, are
+# beside it) or diverged (no results; the report lists it and the grid goes on). It is the one
+# declared output, so a diverged run does not stop the workflow.
+RUN_FILES = ["metrics.json"]
 # A compress job runs every budget of one (dataset, model, method, seed) in one process when
 # `batch_budgets` is on (the default grid: process start-up and data loading are paid once),
 # else one budget per job (a cluster, where one run may take hours).
