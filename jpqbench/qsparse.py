@@ -217,12 +217,16 @@ class ActivationPQ(_MaskedQuantized):
             self._prune_to = None
 
     def structural_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """What the cost counter's liveness probe should see: the static mask, not the value grid.
+        """What the cost counter's liveness probe should see: non-zero exactly where the static
+        mask keeps a position, whatever reaches the operator.
 
-        The probe pushes a normalised all-ones signal through the model; truncating it to the
-        grid would zero channels that real inputs keep, and the counter would undercount them.
+        Not the value grid: the probe pushes a small normalised signal, which truncation would
+        zero where real inputs are kept. Not the input's zeros either: the probe passes BN as
+        the identity, but the BN before the operator adds its shift, so a channel that receives
+        zeros is non-zero at run time. Claiming a kept position alive is never untrue for the
+        counter; it may count work on a position that is always zero.
         """
-        return x * self.mask if self.prunable else x
+        return torch.ones_like(x) * self.mask if self.prunable else torch.ones_like(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
