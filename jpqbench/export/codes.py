@@ -42,13 +42,25 @@ def dequantize(scale: float, zero: int, codes: np.ndarray) -> np.ndarray:
 
 
 def _grid_step(values: np.ndarray, bits: int) -> float | None:
-    """A float64 step with every value an integer multiple of it, or None."""
+    """A float64 step with every value an integer multiple of it, or None.
+
+    Candidates are the smallest gap divided by j = 1, 2, ...; each is refined by least squares
+    on the small values first (their integers are right even at a rough step), then on ever
+    larger ones: at 16 bits a step off by 1e-4 relative would misplace the largest integers.
+    """
     distinct = np.unique(np.concatenate([values, [0.0]]))
     gap = float(np.diff(distinct).min())
+    magnitudes = np.abs(values)
+    top, span = float(magnitudes.max()), float(np.ptp(values))
     for j in range(1, 2 ** bits):
         step = gap / j
-        q = np.round(values / step)
-        step = float((values * q).sum() / (q * q).sum())  # least-squares refinement
+        if j > 1 and span / step > 2 ** bits - 0.5:  # finer steps than this need more than 2**bits levels
+            return None
+        for k in range(bits, -1, -1):
+            part = values[magnitudes <= top * 2.0 ** -k]
+            q = np.round(part / step)
+            if q.any():
+                step = float((part * q).sum() / (q * q).sum())
         q = values / step
         # float32 values on a grid miss the integers by float32 rounding only: ~2^-24 relative
         if np.abs(q - np.round(q)).max() <= 2 ** -18 * max(np.abs(q).max(), 1.0):
