@@ -157,6 +157,11 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan
     for module in probe.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             hooks.append(module.register_forward_hook(lambda mod, args, out: args[0]))
+        # A module whose run-time zeros the probe's signal cannot show (an activation mask behind
+        # a BN shift, a value grid that truncates a small signal) says where its output is
+        # surely zero: `structural_forward(x)` is non-zero wherever the output may be.
+        if hasattr(module, "structural_forward"):
+            hooks.append(module.register_forward_hook(lambda mod, args, out: mod.structural_forward(args[0])))
     try:
         probe(torch.ones(1, *input_shape))
     finally:

@@ -24,8 +24,8 @@ it does is fixed here:
   :class:`ActivationPQ` on the input of every ``nn.ReLU`` or ``nn.ReLU6``
   (:class:`PreActivationReLU`, :class:`PreActivationReLU6`), found on the model's torch.fx
   graph, and what each conv/linear layer's input then is (see there).
-* :func:`split_shared_relus` -- one ReLU module per call site in torchvision's ResNet blocks,
-  which call one ``relu`` two or three times, so that each site can carry its own operator.
+  It relies on one ReLU module per call site, which the zoo's torchvision ResNets have
+  (:func:`jpqbench.models.zoo.split_shared_relus`, applied again here to user models).
 
 Window statistics live in buffers, so a run resumed from an epoch checkpoint inside a window
 ends exactly as an uninterrupted one. Operators only observe or fire in training mode; in
@@ -33,7 +33,6 @@ eval mode they are pure functions of their state.
 """
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jpqbench.errors import UserError
+from jpqbench.models.zoo import split_shared_relus
 from jpqbench.layers import CompressibleConv2d, CompressibleLinear, compressible_layers, observe_inputs
 from jpqbench.plan import CompressionPlan
 from jpqbench.quant import FLOAT_BITS
@@ -280,50 +280,6 @@ def relu6_keeps_grid(bits: int, decimal: int) -> bool:
 
 # The activations an operator can sit before, and the class each is swapped to.
 _PRE_ACTIVATION = {nn.ReLU: PreActivationReLU, nn.ReLU6: PreActivationReLU6}
-
-
-# ---------------------------------------------------------------- one ReLU module per call site
-class _SplitReLUBasicBlock(nn.Module):
-    """torchvision's ``BasicBlock`` with one ReLU module per call site: ``relu`` after ``bn1``,
-    ``relu_1`` after the residual add (torchvision calls ``relu`` at both)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu_1(out + identity)
-
-
-class _SplitReLUBottleneck(nn.Module):
-    """torchvision's ``Bottleneck`` with one ReLU module per call site: ``relu`` after ``bn1``,
-    ``relu_1`` after ``bn2``, ``relu_2`` after the residual add (torchvision calls ``relu`` at all three)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_1(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
-        return self.relu_2(self.bn3(self.conv3(out)) + identity)
-
-
-def split_shared_relus(model: nn.Module) -> nn.Module:
-    """Give every call site of torchvision's ResNet blocks its own ReLU module, in place.
-
-    torchvision's ``BasicBlock`` and ``Bottleneck`` call one ``relu`` module two or three times;
-    a per-call-site operator needs one module per site. Each such block gets fresh
-    ``nn.ReLU`` modules ``relu_1`` (and ``relu_2``) beside ``relu``, and its class is swapped for
-    one whose forward computes the same with them -- the way the compressible layers are made:
-    no model rewrite, every conv/linear/BN keeps its name, ReLUs have no state, so
-    ``state_dict`` keys are unchanged and checkpoints load either way. Blocks already split and
-    all other modules are left alone; the model is returned for convenience.
-    """
-    resnet = sys.modules.get("torchvision.models.resnet")  # not imported: no torchvision blocks to split
-    if resnet is None:
-        return model
-    splits = {resnet.BasicBlock: (_SplitReLUBasicBlock, 1), resnet.Bottleneck: (_SplitReLUBottleneck, 2)}
-    for block in [m for m in model.modules() if type(m) in splits]:
-        cls, extra = splits[type(block)]
-        for index in range(1, extra + 1):
-            block.add_module(f"relu_{index}", nn.ReLU(inplace=block.relu.inplace))
-        block.__class__ = cls
-    return model
 
 
 # Operations that map a tensor on a power-of-two grid to a subset of the same grid (zeros stay

@@ -23,7 +23,7 @@ from jpqbench.cost import count
 from jpqbench.data import DataBundle, TensorSplit
 from jpqbench.evaluate import recalibrate_batchnorm
 from jpqbench.methods_api import Budget, RunContext, get_method
-from jpqbench.plan import PlanMismatch, verify_plan
+from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, METHODS, MODELS, PROJECT_ROOT
 
 BUDGET = Budget("bops", 0.05)
@@ -46,14 +46,6 @@ SMALL_HPARAMS: dict[str, dict] = {
     "qat": {"calibration_batches": 1},
 }
 SLOW_DATASETS = {"imagenet"}
-# pairs that fail on a harness bug outside the methods, each expected to fail until it is fixed
-# (strict: once it passes, the mark must go)
-_PROBE = ("the cost counter's liveness probe (jpqbench/cost.py _probe) pushes its signal through noncomm's "
-          "operators (truncated on the grid; masked channels that BN shifts to non-zero) and calls live channels "
-          "dead; requested: honour ActivationPQ.structural_forward")
-KNOWN_BUGS: dict[tuple[str, str], str] = {("noncomm", "resnet50"): _PROBE, ("noncomm", "mobilenet_v2"): _PROBE}
-
-
 def _grid() -> list[tuple[str, str]]:
     return load_config(PROJECT_ROOT / "config" / "paper.yaml").benchmarks()
 
@@ -65,10 +57,7 @@ def _slow(dataset: str, model: str) -> bool:
 
 
 def _marks(method: str, model: str, slow: bool) -> list:
-    marks = [pytest.mark.slow] if slow else []
-    if (method, model) in KNOWN_BUGS:
-        marks.append(pytest.mark.xfail(strict=True, raises=PlanMismatch, reason=KNOWN_BUGS[method, model]))
-    return marks
+    return [pytest.mark.slow] if slow else []
 
 
 def _cases() -> list:

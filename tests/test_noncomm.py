@@ -485,8 +485,6 @@ def test_sparse_figures_by_hand_and_dense_figures_unchanged() -> None:
     assert dense.sparse_weight_bits == dense.weight_bits and dense.sparse_bops == dense.bops
 
 
-@pytest.mark.xfail(strict=True, reason="jpqbench/cost.py _probe pushes its signal through noncomm's operators; "
-                                       "requested: hook modules with structural_forward there")
 def test_cost_counter_liveness_sees_the_activation_masks_only() -> None:
     """The counter's liveness probe must see an operator's static mask and nothing else. Channel 0
     keeps a corner, whose probe value (4/9 of the centre's) truncates to 0 on the integer grid;

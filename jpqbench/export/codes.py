@@ -44,27 +44,32 @@ def dequantize(scale: float, zero: int, codes: np.ndarray) -> np.ndarray:
 def _grid_step(values: np.ndarray, bits: int) -> float | None:
     """A float64 step with every value an integer multiple of it, or None.
 
-    Candidates are the smallest gap divided by j = 1, 2, ...; each is refined by least squares
-    on the small values first (their integers are right even at a rough step), then on ever
-    larger ones: at 16 bits a step off by 1e-4 relative would misplace the largest integers.
+    Candidates are the smallest gap between values (0 included) divided by j = 1, 2, ...  A
+    step read off one small gap is only as precise as float32 rounding allows: at 16 bits a gap
+    of two steps between values of ~0.3 is off by ~1e-3, i.e. by dozens of steps at the largest
+    value. So the largest value's step count is searched within that uncertainty (nearest
+    first), each count giving a step that every value must then sit on.
     """
     distinct = np.unique(np.concatenate([values, [0.0]]))
     gap = float(np.diff(distinct).min())
-    magnitudes = np.abs(values)
-    top, span = float(magnitudes.max()), float(np.ptp(values))
+    span = float(np.ptp(values))
+    anchor = float(values[np.argmax(np.abs(values))])
+    relative_error = 2 * float(np.spacing(np.float32(abs(anchor)))) / gap
     for j in range(1, 2 ** bits):
-        step = gap / j
-        if j > 1 and span / step > 2 ** bits - 0.5:  # finer steps than this need more than 2**bits levels
+        rough = gap / j
+        if j > 1 and span / rough > 2 ** bits - 0.5:  # finer steps than this need more than 2**bits levels
             return None
-        for k in range(bits, -1, -1):
-            part = values[magnitudes <= top * 2.0 ** -k]
-            q = np.round(part / step)
-            if q.any():
-                step = float((part * q).sum() / (q * q).sum())
-        q = values / step
-        # float32 values on a grid miss the integers by float32 rounding only: ~2^-24 relative
-        if np.abs(q - np.round(q)).max() <= 2 ** -18 * max(np.abs(q).max(), 1.0):
-            return step
+        count = abs(anchor) / rough
+        radius = int(np.ceil(count * relative_error)) + 1
+        for n in sorted(range(max(1, round(count) - radius), round(count) + radius + 1),
+                        key=lambda n: abs(n - count)):
+            step = abs(anchor) / n
+            q = np.round(values / step)
+            step = float((values * q).sum() / (q * q).sum())  # least squares over every value
+            q = values / step
+            # float32 values on a grid miss the integers by float32 rounding only: ~2^-24 relative
+            if np.abs(q - np.round(q)).max() <= 2 ** -18 * max(np.abs(q).max(), 1.0):
+                return step
     return None
 
 

@@ -63,7 +63,7 @@ def _check_structure(compressed: nn.Module, plain: nn.Module) -> None:
         if type(module) is not type(reference):
             if isinstance(module, _Compressible) and isinstance(module, type(reference)):
                 slots += [f"{name}.weight_quantizer", f"{name}.input_quantizer"]
-            elif isinstance(module, PreActivationReLU) and isinstance(reference, nn.ReLU):
+            elif isinstance(module, PreActivationReLU) and isinstance(reference, (nn.ReLU, nn.ReLU6)):
                 slots.append(f"{name}.pre")
             else:
                 raise UserError(f"module {name} is a {type(module).__name__} in the compressed model but a "
