@@ -328,8 +328,10 @@ def _module_calls(model: nn.Module) -> Counter:
 @pytest.mark.parametrize("model_name, sites", [("resnet18", 1 + 8 * 2), ("resnet50", 1 + 16 * 3)])
 def test_torchvision_resnet_blocks_get_one_relu_per_call_site_same_names_same_outputs(model_name: str,
                                                                                       sites: int) -> None:
+    import torchvision
+
     torch.manual_seed(0)
-    model = MODELS.get(model_name)(10, (3, 32, 32)).eval()
+    model = getattr(torchvision.models, model_name)(weights=None, num_classes=10).eval()
     batch = torch.randn(2, 3, 32, 32)
     keys, expected = list(model.state_dict()), model(batch)
     assert max(_module_calls(model).values()) > 1  # torchvision calls each block's relu 2 or 3 times
@@ -342,6 +344,8 @@ def test_torchvision_resnet_blocks_get_one_relu_per_call_site_same_names_same_ou
     names = [name for name, _ in model.named_modules()]
     split_shared_relus(model)  # idempotent
     assert [name for name, _ in model.named_modules()] == names
+    zoo = MODELS.get(model_name)(10, (3, 32, 32))  # the zoo's ResNets come split
+    assert [name for name, _ in zoo.named_modules()] == names and max(_module_calls(zoo).values()) == 1
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50", "mobilenet_v2"])
