@@ -560,7 +560,8 @@ class Qasso(torch.optim.Optimizer):
         bounds = {name: (float(q.step_for_bits(w_range[1])), float(q.step_for_bits(w_range[0])))
                   for name, q in quantized.items()}
         if quantized:
-            if gamma == 0.0 or not math.isfinite(cos_r) or cos_r >= 0:
+            # no residual to set d against (or it underflowed to a zero norm): the coarsest step
+            if gamma == 0.0 or r_norm < 1e-8 or not math.isfinite(cos_r) or cos_r >= 0:
                 steps = {name: high for name, (low, high) in bounds.items()}
             else:
                 d = -zeta * eta * lr_w * g_norm / (gamma * cos_r * r_norm)
