@@ -86,3 +86,23 @@ def test_export_of_a_folder_that_is_not_a_run_is_a_user_error(digits_workspace: 
                                                               capsys) -> None:
     assert main(["--config", str(digits_workspace.config), "export", "--run-dir", str(tmp_path)]) == 2
     assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_inputs_dead_under_an_activation_mask_are_overhead_not_counted(runs: dict[str, Path],
+                                                                      digits_workspace: DigitsWorkspace) -> None:
+    """A channel that noncomm's mask zeroes for every input is dead for the counter; the artifact
+    still stores its weights (the channel is not structurally pruned), as overhead, so the file
+    stays counted + overhead to the bit (a minispeech run of the default grid found the gap)."""
+    from jpqbench.cost import count
+    from jpqbench.export.build import build_artifact
+    from jpqbench.plan import CompressionPlan
+    from jpqbench.qsparse import PreActivationReLU
+
+    state = torch.load(runs["noncomm"] / "model.pt", weights_only=False)
+    model, plan = state["model"].eval(), CompressionPlan.from_dict(state["plan"])
+    operator = next(m.pre for m in model.modules() if isinstance(m, PreActivationReLU) and m.pre.prunable)
+    operator.mask[0] = 0  # one whole channel masked for every input
+    batch = _batch(digits_workspace)
+    built = build_artifact(model, plan, "digits_cnn", 10, tuple(batch.shape[1:]), batch)
+    assert built.size.dead_inputs > 0
+    assert built.size.counted == count(model, tuple(batch.shape[1:]), plan).weight_bits

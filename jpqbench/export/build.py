@@ -144,7 +144,9 @@ def build_artifact(compressed: nn.Module, plan: CompressionPlan, model_name: str
     pairs = batchnorm_pairs(plain)
     dense = fold_batchnorm(copy.deepcopy(plain), pairs)
     tables, operators = _activation_tables(compressed, plan, batch)
-    alive = input_liveness(dense, input_shape, plan)  # liveness needs shapes only: the plain copy is cheap
+    # liveness as the counter sees it, on the compressed model: an activation mask (noncomm) can
+    # make a whole input channel dead, which the plain model cannot show
+    alive = input_liveness(compressed, input_shape, plan)
     originals = {name: m for name, m in compressed.named_modules() if isinstance(m, _Layer)}
     removed_out, removed_in = prune_physically(plain, input_shape, {n: list(l.pruned) for n, l in plan.layers.items()})
     _check_operator_shapes(plain, input_shape, operators)
