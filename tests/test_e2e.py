@@ -87,7 +87,7 @@ def test_dvc_repro_runs_the_grid_through_snakemake_and_mlflow(tmp_path: Path, mo
         assert compress.loc[method, "tags.seed"] == "0" and compress.loc[method, "tags.budget"] == "0.05"
         assert compress.loc[method, "run_id"] == summary.set_index("method").loc[method, "mlflow_run_id"]
         artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(compress.loc[method, "run_id"])}
-        assert artifacts == {"plan.json", "config.yaml"}
+        assert artifacts == {"plan.json", "config.yaml", "model.jpq"}  # the plan, the config, the real artifact
 
     assert "Nothing to be done" in _run(["snakemake", "-n", "--cores", "1"], work, env)
     _run(["snakemake", "--report", "snakemake-report.zip"], work, env)
