@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jpqbench.data import DataBundle, DatasetPlugin, TensorSplit
+from jpqbench.data import DataBundle, DatasetPlugin, TensorSplit, file_sha256
 from jpqbench.errors import UserError
 from jpqbench.registry import register_dataset
 
@@ -43,10 +43,6 @@ VAL_FRACTION = 0.15  # of the training part left after the test split
 TRAIN, VAL, TEST = 0, 1, 2
 NUM_CLASSES = 10
 MAX_PIXEL = 16  # the digits' pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _assign_splits(labels: np.ndarray) -> np.ndarray:
@@ -82,7 +78,7 @@ def _verified_manifest(root: Path) -> str:
         expected = json.loads(text)["sha256"][DATA_FILE]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise _corrupted(manifest_path, root, "not a readable jpqbench manifest") from exc
-    if _sha256(data_path) != expected:
+    if file_sha256(data_path) != expected:
         raise _corrupted(data_path, root, f"its sha256 does not match {manifest_path}")
     return text
 
@@ -110,7 +106,7 @@ class Digits(DatasetPlugin):
             "source": "sklearn.datasets.load_digits",
             "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION,
                       "val_fraction_of_train": VAL_FRACTION, "codes": {"train": TRAIN, "val": VAL, "test": TEST}},
-            "sha256": {DATA_FILE: _sha256(root / DATA_FILE)},
+            "sha256": {DATA_FILE: file_sha256(root / DATA_FILE)},
         }
         (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jpqbench.data import DataBundle, DatasetPlugin
+from jpqbench.data import DataBundle, DatasetPlugin, file_sha256
 from jpqbench.errors import UserError
 from jpqbench.registry import DATASETS, register_dataset
 
@@ -196,10 +196,6 @@ def _resampled(speech: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build(root: Path, clips_per_word: int = CLIPS_PER_WORD) -> None:
     """Synthesise the whole tree under ``root`` and write the manifest last."""
     import soundfile
@@ -248,7 +244,7 @@ def build(root: Path, clips_per_word: int = CLIPS_PER_WORD) -> None:
     manifest = {
         "source": "eSpeak NG via espeakng-loader, synthesised by datasets/minispeech.py",
         "seed": SEED, "clips_per_word": clips_per_word,
-        "sha256": {path.relative_to(root).as_posix(): _sha256(path) for path in files},
+        "sha256": {path.relative_to(root).as_posix(): file_sha256(path) for path in files},
     }
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -266,7 +262,7 @@ def _verify(root: Path) -> None:
                         f"delete the folder {root} and re-run `{PREPARE_COMMAND}`") from exc
     for relpath, digest in expected.items():
         path = root / relpath
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             raise UserError(f"minispeech file {path} is missing or does not match {manifest_path}",
                             f"delete the folder {root} and re-run `{PREPARE_COMMAND}` (or, where DVC tracks it, "
                             f"`dvc pull {root}`)")

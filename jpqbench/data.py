@@ -119,6 +119,15 @@ class DataBundle:
         return DataLoader(dataset, batch_sampler=batches)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (checkpoints and data files may be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     """A short content hash of tensors, for the ``data_hash`` tag of every run."""
     digest = hashlib.sha256()

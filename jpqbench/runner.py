@@ -29,7 +29,6 @@ the prepared dataset's fingerprint) is refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from torch import nn
 
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
-from jpqbench.data import DataBundle
+from jpqbench.data import DataBundle, file_sha256
 from jpqbench.distributed import check_launch, is_main_process, world_size
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
@@ -96,14 +95,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -286,7 +277,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
     state.claim(config, {"method": request.method, "hparams": method.hp.model_dump(),
                          "recipe": recipe.model_dump(), "epochs": epochs, "seed": request.seed,
                          "budget": budget.key if budget else None, "data": data.fingerprint,
-                         "checkpoint": _file_sha256(request.checkpoint)})
+                         "checkpoint": file_sha256(request.checkpoint)})
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
