@@ -102,6 +102,17 @@ def _mask_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tenso
     return output * module.channel_mask.view(1, -1, *([1] * (output.dim() - 2)))
 
 
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` per channel with ``bn(x) = scale * x + shift`` on its running statistics
+    (eval mode); differentiable in BN's weight and bias. Used to fold BN into a conv (export) and
+    to gate BN's shift (cwmpq)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+    return scale, shift
+
+
 def mask_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: torch.Tensor) -> None:
     """Zero the outputs of ``bn`` where ``mask`` is 0 (idempotent; the mask is a buffer)."""
     if hasattr(bn, "channel_mask"):

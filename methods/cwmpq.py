@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from jpqbench.errors import UserError
 from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm, observe_inputs
+from jpqbench.layers import batchnorm_affine, compressible_layers, make_compressible, mask_batchnorm, observe_inputs
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
 from jpqbench.prune import classifier_name
@@ -180,9 +180,7 @@ class ChannelGate(nn.Module):
 
 def _gate_norm_shift(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     """BN on running statistics is ``scale * x + shift``; keep ``scale * x + keep * shift``."""
-    scale = torch.rsqrt(module.running_var + module.eps)
-    scale = scale * module.weight if module.weight is not None else scale
-    shift = -module.running_mean * scale + (module.bias if module.bias is not None else 0.0)
+    _, shift = batchnorm_affine(module)
     return output - ((1 - module.cwmpq_gate()) * shift).view(1, -1, *([1] * (output.dim() - 2)))
 
 

@@ -28,7 +28,7 @@ import torch_pruning as tp
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import _mask_output
+from jpqbench.layers import _mask_output, batchnorm_affine
 from jpqbench.prune import classifier_name
 from jpqbench.registry import MODELS
 
@@ -181,11 +181,8 @@ def batchnorm_pairs(model: nn.Module) -> dict[str, str]:
 
 
 def fold_factors(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, shift)`` with ``BN(y) = k * y + shift`` on running statistics."""
-    k = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        k = k * bn.weight
-    shift = -bn.running_mean * k + (bn.bias if bn.bias is not None else 0.0)
+    """``(k, shift)`` with ``BN(y) = k * y + shift`` on running statistics, detached (the export's numbers)."""
+    k, shift = batchnorm_affine(bn)
     return k.detach(), shift.detach()
 
 
