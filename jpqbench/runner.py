@@ -294,7 +294,8 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         compressed.plan.method = request.method
         if recipe.bn_recalibration_batches:  # the same for every method: part of the recipe
             recalibrate_batchnorm(compressed.model, ctx.calibration_batches(recipe.bn_recalibration_batches))
-        verify_plan(compressed.plan, compressed.model, next(iter(ctx.calibration_batches(1))))
+        batch = next(iter(ctx.calibration_batches(1)))  # training inputs: for the plan check and the export's tables
+        verify_plan(compressed.plan, compressed.model, batch)
         cost = ctx.cost(compressed.model, compressed.plan)
         val = evaluate(compressed.model, data, "val", recipe.batch_size)
         test = evaluate(compressed.model, data, "test", recipe.batch_size)  # the one touch of the test split
@@ -305,7 +306,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         # the real artifact: physically pruned, bit-packed, loaded back and measured (jpqbench/export)
         exported, artifact_bits = export_run(
             compressed.model, compressed.plan, model_name=recipe.model, data=data,
-            batch=next(iter(ctx.calibration_batches(1))), batch_size=recipe.batch_size,
+            batch=batch, batch_size=recipe.batch_size,
             path=work / ARTIFACT_NAME, weight_bits=cost.weight_bits, top1=test["top1"])
         tracker.log_metrics(artifact_bits, 0)
         achieved = cost.relative(budget.metric) if budget else None
