@@ -98,8 +98,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int | None:
     _import_training_stack()
-    from jpqbench.distributed import check_launch, is_main_process, launch, world_size
-    from jpqbench.methods_api import get_method
+    from jpqbench.distributed import is_main_process, launch, world_size
     from jpqbench.grid import GridPoint
     from jpqbench.runner import (RunRequest, default_checkpoint, default_run_dir, load_data, run_or_record_divergence,
                                  validate_request)
@@ -120,12 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int | None:
         raise UserError("--nproc was given inside a torchrun launch", "use either torchrun or --nproc, not both")
     if args.nproc is not None and args.nproc > 1:  # validated here once, then launched under torchrun
         for request in requests:
-            validate_request(config, request)
-            check_launch(request.method, get_method(request.method), config.recipe(args.dataset, model).batch_size,
-                         processes=args.nproc)
-            if not request.checkpoint.exists():
-                raise UserError(f"FP32 checkpoint {request.checkpoint} does not exist and a distributed run does "
-                                "not pretrain it on the fly", "run `jpqbench pretrain` first")
+            validate_request(config, request, processes=args.nproc)
         return launch(args.nproc, _without_nproc(args.argv))  # torchrun's exit status
     for request in requests:
         validate_request(config, request)

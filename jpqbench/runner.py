@@ -237,8 +237,11 @@ class RunRequest:
     pretrain_if_missing: bool = False  # train the FP32 checkpoint first when it does not exist
 
 
-def validate_request(config: BenchConfig, request: RunRequest) -> None:
-    """Refuse a request that cannot run, before any data is loaded or work is done."""
+def validate_request(config: BenchConfig, request: RunRequest, processes: int | None = None) -> None:
+    """Refuse a request that cannot run, before any data is loaded or work is done.
+
+    ``processes``: how many processes will train it (``--nproc``, checked before torchrun is
+    launched); default: this launch's world size."""
     config.recipe(request.dataset, request.model)  # the pair must be in the grid
     method_cls = get_method(request.method)
     if method_cls.takes_budget and request.budget is None:
@@ -247,8 +250,9 @@ def validate_request(config: BenchConfig, request: RunRequest) -> None:
         raise UserError(f"method {request.method!r} is a reference and takes no budget", "omit --budget")
     if request.epochs is not None and request.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {request.epochs}", "pass a positive number of epochs")
-    check_launch(request.method, method_cls, config.recipe(request.dataset, request.model).batch_size)
-    if world_size() > 1 and request.pretrain_if_missing and not request.checkpoint.exists():
+    processes = processes or world_size()
+    check_launch(request.method, method_cls, config.recipe(request.dataset, request.model).batch_size, processes)
+    if processes > 1 and not request.checkpoint.exists():
         raise UserError(f"FP32 checkpoint {request.checkpoint} does not exist and a distributed run does not "
                         "pretrain it on the fly", "run `jpqbench pretrain` first (it may run under torchrun too)")
 
