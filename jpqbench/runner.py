@@ -45,6 +45,7 @@ import torch
 import yaml
 from torch import nn
 
+from jpqbench import atomic
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle, file_sha256
@@ -83,18 +84,6 @@ def default_checkpoint(config: BenchConfig, dataset: str, model: str, seed: int)
 
 def default_run_dir(config: BenchConfig, point: GridPoint) -> Path:
     return point.run_dir(Path(config.results_root) / "runs")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -147,7 +136,7 @@ class RunState:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.kept_id.exists() and not self.id_file.exists():  # finished before, its outputs since deleted
             os.replace(self.kept_id, self.id_file)
-        _atomic_write_text(self.inputs_file, text)
+        atomic.write_text(self.inputs_file, text)
 
     def release(self) -> None:
         """The run ended: keep its MLflow run id beside the outputs, remove the work folder."""
@@ -188,7 +177,7 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
         figures = {"val_top1": result.history[-1]["val_top1"], "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
                    "wall_time_s": time.perf_counter() - wall_start}
         tracker.log_metrics(figures, recipe.pretrain_epochs)
-        _atomic_torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
+        atomic.torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
                             "num_classes": data.num_classes, "input_shape": list(data.input_shape), "seed": seed,
                             "data_hash": data.fingerprint, **figures}, out)
     state.release()
@@ -360,7 +349,7 @@ def run_or_record_divergence(config: BenchConfig, request: RunRequest,
                    "epochs": request.epochs or recipe.epochs, "status": "diverged", "error": str(error),
                    "mlflow_run_id": state.id_file.read_text().strip() if state.id_file.is_file() else None,
                    "data_hash": data.fingerprint, "git_commit": git_commit()}
-        _atomic_write_text(request.out / "metrics.json", json.dumps(metrics, indent=1))
+        atomic.write_text(request.out / "metrics.json", json.dumps(metrics, indent=1))
         state.release()
         return metrics
 
@@ -376,10 +365,10 @@ def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[st
     tracker.log_artifact(work / "config.yaml")
     tracker.log_artifact(work / ARTIFACT_NAME)
     os.replace(work / ARTIFACT_NAME, out / ARTIFACT_NAME)
-    _atomic_write_text(out / "plan.json", (work / "plan.json").read_text())
-    _atomic_torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
+    atomic.write_text(out / "plan.json", (work / "plan.json").read_text())
+    atomic.torch_save({"model": compressed.model, "plan": compressed.plan.to_dict()}, out / "model.pt")
     metrics["wall_time_s"] = time.perf_counter() - wall_start
     tracker.log_metrics({k: float(v) for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, metrics["epochs"])
     tracker.set_tags({"target_met": metrics["target_met"], "status": "ok"})
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=1))

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
+from jpqbench import atomic
 from jpqbench.config import BenchConfig
 from jpqbench.distributed import is_main_process, world_size
 
@@ -208,9 +209,7 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         with _sigterm_deferred():
             run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = id_file.with_name(id_file.name + ".tmp")
-            tmp.write_text(run_id)
-            os.replace(tmp, id_file)
+            atomic.write_text(id_file, run_id)
         logged = {}
     else:
         previous = client.get_run(run_id).data

@@ -19,7 +19,6 @@ optimizer, schedule, data order, checkpointing and accounting.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import zlib
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from jpqbench import atomic
 from jpqbench.data import DataBundle
 from jpqbench.distributed import all_finite, all_sum, is_main_process, shard_steps, training_group
 from jpqbench.errors import UserError
@@ -102,12 +102,6 @@ def _epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(phase.encode()) + epoch)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase: str,
         checkpoint: Path | None = None, hooks: TrainHooks | None = None,
         log: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
@@ -175,7 +169,7 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
             if log is not None:
                 log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, epoch)
             if checkpoint is not None and is_main_process():
-                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                atomic.torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
                               "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s},
                              checkpoint)

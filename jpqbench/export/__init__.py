@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jpqbench import atomic
 from jpqbench.data import DataBundle
 from jpqbench.evaluate import evaluate
 from jpqbench.export.artifact import _PREFIX, quantize_activations, read, to_bytes, to_model
@@ -49,9 +50,7 @@ def export_run(compressed: nn.Module, plan: CompressionPlan, *, model_name: str,
     built = build_artifact(compressed, plan, model_name, data.num_classes, tuple(data.input_shape), batch)
     raw = to_bytes(built.artifact)
     built.size.header = 8 * (_PREFIX.size + _PREFIX.unpack_from(raw)[2])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(raw)
-    tmp.replace(path)
+    atomic.write_bytes(path, raw)
     stored = read(path)  # the file, not the in-memory artifact: what a user would load
     physical = to_model(stored, quantize_inputs=False)
     exported = quantize_activations(copy.deepcopy(physical), stored)

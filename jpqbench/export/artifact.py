@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jpqbench import atomic
 from jpqbench.errors import UserError
 from jpqbench.export.packing import pack, packed_size, unpack
 from jpqbench.export.physical import batchnorm_pairs, build, prune_physically, strip_batchnorm
@@ -154,9 +155,7 @@ def to_bytes(artifact: Artifact) -> bytes:
 def write(artifact: Artifact, path: Path) -> int:
     """Write ``artifact`` to ``path`` atomically; return its size in bytes."""
     data = to_bytes(artifact)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic.write_bytes(path, data)
     return len(data)
 
 

@@ -8,12 +8,12 @@ store knows it. Everything else in ``metrics.json`` stays as the run wrote it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jpqbench import atomic
 from jpqbench.config import BenchConfig
 from jpqbench.errors import UserError
 from jpqbench.export import ARTIFACT_NAME, export_run
@@ -56,15 +56,11 @@ def reexport(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
                                    batch=next(iter(ctx.calibration_batches(1))), batch_size=recipe.batch_size,
                                    path=run_dir / ARTIFACT_NAME, weight_bits=float(metrics["weight_bits"]),
                                    top1=float(metrics["top1"]))
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({**metrics, **exported}, indent=1))
-    os.replace(tmp, run_dir / "metrics.json")
+    atomic.write_text(run_dir / "metrics.json", json.dumps({**metrics, **exported}, indent=1))
     if metrics.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
+        from jpqbench.tracking import RetryingClient, Tracker
 
-        from jpqbench.tracking import Tracker
-
-        tracker = Tracker(MlflowClient(tracking_uri(config)), metrics["mlflow_run_id"])
+        tracker = Tracker(RetryingClient(tracking_uri(config)), metrics["mlflow_run_id"])
         tracker.log_metrics({**details, **{k: float(v) for k, v in exported.items()}}, 0)
         tracker.log_artifact(run_dir / ARTIFACT_NAME)
     return exported
