@@ -40,17 +40,19 @@ DATA = cfg.data_root
 RESULTS = cfg.results_root
 RUNS = f"{RESULTS}/runs"
 TRACKING = f"{RESULTS}/.tracking-ready"
-CHECKPOINT = RESULTS + "/checkpoints/{dataset}/{model}/s{seed}.pt"
+
+
+def checkpoint_of(seed):
+    """The FP32 checkpoint of ``seed`` (a number, or "{seed}" for the wildcard)."""
+    return f"{RESULTS}/checkpoints/{{dataset}}/{{model}}/s{seed}.pt"
+
+
 GRID = grid(cfg)
 # metrics.json, written last, marks a finished run -- finished with results (status ok: then
 # plan.json, model.pt and model.jpq, the real artifact exported inside the job's process, are
 # beside it) or diverged (no results; the report lists it and the grid goes on). It is the one
 # declared output, so a diverged run does not stop the workflow.
 RUN_FILES = ["metrics.json"]
-# A compress job runs every budget of one (dataset, model, method, seed) in one process when
-# `batch_budgets` is on (the default grid: process start-up and data loading are paid once),
-# else one budget per job (a cluster, where one run may take hours).
-JOB = "{dataset}/{model}/{method}/s{seed}" if cfg.batch_budgets else "{dataset}/{model}/{method}/{budgetkey}/s{seed}"
 
 
 def budget_keys(dataset):
@@ -58,11 +60,27 @@ def budget_keys(dataset):
     return [Budget(cfg.budget_metric, target).key for target in cfg.budgets_of(dataset)]
 
 
-# The compress rules: the budgets a job writes must be fixed patterns in its outputs, and a
-# dataset may have its own budgets, so batched jobs get one rule per dataset
-# (compress_<dataset>); unbatched, one rule `compress` with the budget as a wildcard.
-COMPRESS_RULES = ({f"compress_{dataset}": (re.escape(dataset), budget_keys(dataset)) for dataset in cfg.datasets}
-                  if cfg.batch_budgets else {"compress": (r"[^/]+", ["{budgetkey}"])})
+# The run rules. With `batch_runs` (the default grid) one job runs every budget and seed of a
+# (dataset, model, method) in one process, so process start-up (~8 s of torch and MLflow
+# imports) and data loading are paid once per method rather than once per run; the budgets
+# and seeds a job writes must then be fixed patterns in its outputs, and a dataset may have
+# its own budgets and seeds, so there is one rule per dataset: compress_<dataset> for the
+# methods that take a budget, reference_<dataset> for the budget-free fp32 reference.
+# Without it (clusters, where a run takes hours) one job per run: rules `compress` (budget
+# and seed wildcards) and `reference` (seed wildcard).
+# Each entry: rule name -> (kind, dataset pattern, budget keys, seeds, the job's log/benchmark name).
+if cfg.batch_runs:
+    RUN_RULES = {}
+    for _dataset in cfg.datasets:
+        _seeds = [str(seed) for seed in cfg.seeds_of(_dataset)]
+        RUN_RULES[f"compress_{_dataset}"] = ("compress", re.escape(_dataset), budget_keys(_dataset), _seeds,
+                                            "{dataset}/{model}/{method}")
+        RUN_RULES[f"reference_{_dataset}"] = ("reference", re.escape(_dataset), [REFERENCE_KEY], _seeds,
+                                             "{dataset}/{model}/{method}")
+else:
+    RUN_RULES = {"compress": ("compress", r"[^/]+", ["{budgetkey}"], ["{seed}"],
+                              "{dataset}/{model}/{method}/{budgetkey}/s{seed}"),
+                 "reference": ("reference", r"[^/]+", [REFERENCE_KEY], ["{seed}"], "{dataset}/{model}/{method}/s{seed}")}
 
 wildcard_constraints:
     dataset=r"[^/]+",
@@ -72,9 +90,10 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def run_files(budget_keys):
-    """The files of the runs of one job: RUN_FILES in the folder of each budget key."""
-    return [f"{RUNS}/{{dataset}}/{{model}}/{{method}}/{key}/s{{seed}}/{name}" for key in budget_keys for name in RUN_FILES]
+def run_files(keys, seeds):
+    """The files of the runs of one job: RUN_FILES in the folder of each budget key and seed."""
+    return [f"{RUNS}/{{dataset}}/{{model}}/{{method}}/{key}/s{seed}/{name}"
+            for seed in seeds for key in keys for name in RUN_FILES]
 
 
 def recipe_of(wildcards):
@@ -82,11 +101,22 @@ def recipe_of(wildcards):
     return cfg.recipe(wildcards.dataset, wildcards.model).model_dump()
 
 
-def budget_args(wildcards):
-    """`--budget T [--budget T ...] --budget-metric M`: the job's budget, or all of them when batched."""
-    keys = budget_keys(wildcards.dataset) if cfg.batch_budgets else [wildcards.budgetkey]
-    budgets = [budget_from_key(key) for key in keys]
-    return " ".join(f"--budget {budget.target!r}" for budget in budgets) + f" --budget-metric {cfg.budget_metric}"
+def budget_args(keys):
+    """`--budget T ... --budget-metric M` for the job's budget keys ("" for the reference)."""
+    def args(wildcards):
+        budgets = [budget_from_key(key.format(budgetkey=getattr(wildcards, "budgetkey", ""))) for key in keys]
+        if budgets == [None]:
+            return ""
+        return " ".join(f"--budget {budget.target!r}" for budget in budgets) + f" --budget-metric {cfg.budget_metric}"
+    return args
+
+
+def seed_args(seeds):
+    """`--seed S --checkpoint CKPT ...`: the job's seeds, each with its own FP32 checkpoint (its inputs, in order)."""
+    def args(wildcards, input):
+        job_seeds = [seed.format(seed=getattr(wildcards, "seed", "")) for seed in seeds]
+        return " ".join(f"--seed {seed} --checkpoint {checkpoint}" for seed, checkpoint in zip(job_seeds, input.checkpoints))
+    return args
 
 
 def hparams_of(wildcards):
@@ -130,7 +160,7 @@ rule pretrain:
         manifest=f"{DATA}/{{dataset}}/MANIFEST.json",
         tracking=ancient(TRACKING),
     output:
-        CHECKPOINT,
+        checkpoint_of("{seed}"),
     params:
         recipe=recipe_of,
     log:
@@ -144,49 +174,29 @@ rule pretrain:
         "--out {output} > {log} 2>&1"
 
 
-for rule_name, (dataset_pattern, job_budget_keys) in COMPRESS_RULES.items():
+for rule_name, (kind, dataset_pattern, job_budget_keys, job_seeds, job_name) in RUN_RULES.items():
     rule:
         name: rule_name
         input:
-            checkpoint=CHECKPOINT,
+            checkpoints=[checkpoint_of(seed) for seed in job_seeds],
             tracking=ancient(TRACKING),
         output:
-            run_files(job_budget_keys),
+            run_files(job_budget_keys, job_seeds),
         wildcard_constraints:
             dataset=dataset_pattern,
         params:
-            budget=budget_args,
+            budget=budget_args(job_budget_keys),
+            seeds=seed_args(job_seeds),
             recipe=recipe_of,
             hparams=hparams_of,
         log:
-            f"{RESULTS}/logs/compress/{JOB}.log",
+            f"{RESULTS}/logs/{kind}/{job_name}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/compress/{JOB}.tsv"
+            f"{RESULTS}/benchmarks/{kind}/{job_name}.tsv"
         threads: 1
         shell:
             "OMP_NUM_THREADS={threads} jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
-            "{params.budget} --seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} "
-            "> {log} 2>&1"
-
-
-# A budget-free method (the fp32 reference): one run per seed, in the `reference` folder.
-rule reference:
-    input:
-        checkpoint=CHECKPOINT,
-        tracking=ancient(TRACKING),
-    output:
-        run_files([REFERENCE_KEY]),
-    params:
-        recipe=recipe_of,
-        hparams=hparams_of,
-    log:
-        f"{RESULTS}/logs/reference/{{dataset}}/{{model}}/{{method}}/s{{seed}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/reference/{{dataset}}/{{model}}/{{method}}/s{{seed}}.tsv"
-    threads: 1
-    shell:
-        "OMP_NUM_THREADS={threads} jpqbench run --method {wildcards.method:q} --dataset {wildcards.dataset} --model {wildcards.model} "
-        "--seed {wildcards.seed} --config {CONFIG_FILE} --checkpoint {input.checkpoint} > {log} 2>&1"
+            "{params.budget} {params.seeds} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule aggregate:

@@ -3,8 +3,8 @@
     jpqbench list methods|datasets|models
     jpqbench prepare   --dataset D
     jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
-    jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size] --seed S
-                       [--epochs N] [--checkpoint CKPT] [--out DIR] [--nproc N]
+    jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size]
+                       [--seed S [--checkpoint CKPT] ...] [--epochs N] [--out DIR] [--nproc N]
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
     jpqbench aggregate [--out results/summary.csv]
@@ -96,6 +96,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
+def _seed_checkpoints(args: argparse.Namespace) -> list[tuple[int, str | None]]:
+    """The run's seeds, each with its ``--checkpoint`` (paired in order) or None (the grid's default)."""
+    seeds = args.seed or [0]
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seed lists a seed twice ({' '.join(map(str, seeds))})", "give each seed once")
+    if args.checkpoint and len(args.checkpoint) != len(seeds):
+        raise UserError(f"{len(args.checkpoint)} --checkpoint for {len(seeds)} --seed: each seed's run starts from "
+                        "its own checkpoint", "give one --checkpoint per --seed, in the same order, or none "
+                        "(the grid's checkpoint of each seed, pretrained if absent)")
+    return list(zip(seeds, args.checkpoint or [None] * len(seeds)))
+
+
 def cmd_run(args: argparse.Namespace) -> int | None:
     _import_training_stack()
     from jpqbench.distributed import is_main_process, launch, world_size
@@ -106,15 +118,17 @@ def cmd_run(args: argparse.Namespace) -> int | None:
     config = _config(args)
     model = config.recipe(args.dataset, args.model).model
     budgets = _budgets(args)
-    if args.out and len(budgets) > 1:
-        raise UserError("--out names one run folder but several --budget values were given",
-                        "drop --out (each budget gets its own folder under results_root/runs) or pass one --budget")
-    checkpoint = (Path(args.checkpoint) if args.checkpoint
-                  else default_checkpoint(config, args.dataset, model, args.seed))
-    requests = [RunRequest(args.method, args.dataset, model, args.seed, budget, checkpoint,
+    seed_checkpoints = _seed_checkpoints(args)
+    if args.out and len(budgets) * len(seed_checkpoints) > 1:
+        raise UserError("--out names one run folder but several --budget or --seed values were given",
+                        "drop --out (each run gets its own folder under results_root/runs) or pass one "
+                        "--budget and one --seed")
+    requests = [RunRequest(args.method, args.dataset, model, seed, budget,
+                           Path(checkpoint) if checkpoint else default_checkpoint(config, args.dataset, model, seed),
                            Path(args.out) if args.out else
-                           default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, args.seed)),
-                           args.epochs, pretrain_if_missing=not args.checkpoint) for budget in budgets]
+                           default_run_dir(config, GridPoint(args.dataset, model, args.method, budget, seed)),
+                           args.epochs, pretrain_if_missing=checkpoint is None)
+                for seed, checkpoint in seed_checkpoints for budget in budgets]
     if args.nproc is not None and args.nproc > 1 and world_size() > 1:
         raise UserError("--nproc was given inside a torchrun launch", "use either torchrun or --nproc, not both")
     if args.nproc is not None and args.nproc > 1:  # validated here once, then launched under torchrun
@@ -124,17 +138,17 @@ def cmd_run(args: argparse.Namespace) -> int | None:
     for request in requests:
         validate_request(config, request)
     data = load_data(config, args.dataset)
-    for request in requests:  # one process for several budgets: start-up and data loading are paid once
+    for request in requests:  # one process for several runs: start-up and data loading are paid once
         metrics = run_or_record_divergence(config, request, data)
         if metrics.get("status") == "diverged":
-            print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, {request.budget.key if request.budget else 'reference'}) diverged: "
+            print(f"{args.method} on {args.dataset}/{model} (seed {request.seed}, {request.budget.key if request.budget else 'reference'}) diverged: "
                   f"{metrics['error']}\nrecorded as status 'diverged' in {request.out / 'metrics.json'}", file=sys.stderr)
             continue
         if not is_main_process():  # under torchrun, rank 0 reports
             continue
         budget, out = request.budget, request.out
         target = f"{metrics['budget']:g} {metrics['budget_metric']}" if budget else "reference"
-        print(f"{args.method} on {args.dataset}/{model} (seed {args.seed}, budget {target}): "
+        print(f"{args.method} on {args.dataset}/{model} (seed {request.seed}, budget {target}): "
               f"top-1 {metrics['top1']:.4f}, relative BOPs {metrics['relative_bops']:.4f}, relative size "
               f"{metrics['relative_size']:.4f} ({metrics['weight_size_kb']:.2f} kB), "
               f"target met: {metrics['target_met']}\nwrote {out}")
@@ -237,16 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="checkpoint path (default: results/checkpoints/<dataset>/<model>/s<seed>.pt)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = command("run", help="compress one (method, dataset, model, budget, seed)")
+    p = command("run", help="compress a model: one (method, dataset, model) at each budget and seed given")
     p.add_argument("--method", required=True, help="a registered name or a variant, e.g. 'noncomm[order=pq]'")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", help="model zoo name; needed when the config lists several for the dataset")
     p.add_argument("--budget", type=float, action="append",
                    help="target cost as a fraction of FP32, in (0, 1); repeat it to run several budgets in turn")
     p.add_argument("--budget-metric", choices=["bops", "size"], default="bops")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, action="append",
+                   help="seed (default 0); repeat it to run several seeds in turn, each from its own checkpoint")
     p.add_argument("--epochs", type=int, help="override the config's compression epochs")
-    p.add_argument("--checkpoint", help="FP32 checkpoint (default: the grid's; pretrained if absent)")
+    p.add_argument("--checkpoint", action="append",
+                   help="FP32 checkpoint, one per --seed in the same order (default: the grid's checkpoint of "
+                        "the seed; pretrained if absent)")
     p.add_argument("--out", help="run folder (default: results/runs/<dataset>/<model>/<method>/<budget>/s<seed>)")
     p.add_argument("--nproc", type=int, help="train data-parallel in N local processes (launches torchrun; "
                    "the recipe's batch_size is the global batch)")

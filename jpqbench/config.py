@@ -97,8 +97,11 @@ class BenchConfig(_Strict):
     methods: list[str] = Field(min_length=1)
     datasets: dict[str, DatasetGrid] = Field(min_length=1)
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    batch_budgets: bool = Field(True, description="one workflow job runs every budget of a (method, seed) "
-                                                  "in turn (saves start-up); false: one job per budget")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where runs train and evaluate: auto = CUDA "
+                                                                      "when torch sees a GPU, else the CPU; under "
+                                                                      "torchrun each process uses cuda:<LOCAL_RANK>")
+    batch_runs: bool = Field(True, description="one workflow job runs every budget and seed of a (dataset, model, "
+                                               "method) in turn (saves start-up); false: one job per run")
 
     def benchmarks(self) -> list[tuple[str, str]]:
         """Every (dataset, model) pair of the grid, in config order."""

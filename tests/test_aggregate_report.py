@@ -188,10 +188,13 @@ def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, t
     assert result.returncode == 0, result.stdout + result.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
     budgeted = [p for p in points if p.budget is not None]
-    jobs = {(p.dataset, p.model, p.method, p.seed) for p in budgeted} if config.batch_budgets else budgeted
-    # batched: one rule per dataset (compress_<dataset>), as a dataset may have its own budgets
-    assert sum(int(n) for rule, n in counts.items() if rule.startswith("compress")) == len(jobs)
-    assert int(counts["reference"]) == len(points) - len(budgeted)
+    free = [p for p in points if p.budget is None]
+    if config.batch_runs:  # one job runs every budget and seed of a (dataset, model, method)
+        budgeted, free = ({(p.dataset, p.model, p.method) for p in runs} for runs in (budgeted, free))
+    # batched: one rule per dataset (compress_<dataset>, reference_<dataset>), as a dataset may
+    # have its own budgets and seeds
+    assert sum(int(n) for rule, n in counts.items() if rule.startswith("compress")) == len(budgeted)
+    assert sum(int(n) for rule, n in counts.items() if rule.startswith("reference")) == len(free)
     assert int(counts["pretrain"]) == len({(p.dataset, p.model, p.seed) for p in points})
     assert int(counts["prepare"]) == len(config.datasets)
     assert counts["tracking"] == counts["aggregate"] == counts["report"] == "1"

@@ -175,3 +175,15 @@ def test_method_variant_runs_under_its_own_folder(digits_workspace: DigitsWorksp
     metrics = json.loads((run_dir / "metrics.json").read_text())
     params = MlflowClient(digits_workspace.tracking_uri).get_run(metrics["mlflow_run_id"]).data.params
     assert params["hp.calibration_batches"] == "1" and metrics["method"] == "ptq[calibration_batches=1]"
+
+
+def test_checkpoints_must_pair_with_seeds(digits_workspace: DigitsWorkspace, tmp_path: Path, capsys) -> None:
+    """Each seed of a batched run starts from its own checkpoint: counts must match, seeds be distinct."""
+    base = ["--config", str(digits_workspace.config), "run", "--method", "ptq", "--dataset", "digits",
+            "--budget", "0.05"]
+    checkpoint = str(digits_workspace.checkpoint)
+    _assert_user_error(base + ["--seed", "0", "--seed", "1", "--checkpoint", checkpoint], capsys, None,
+                       "1 --checkpoint for 2 --seed", "one --checkpoint per --seed")
+    _assert_user_error(base + ["--seed", "1", "--seed", "1"], capsys, None, "--seed lists a seed twice")
+    _assert_user_error(base + ["--seed", "0", "--seed", "1", "--out", str(tmp_path / "o")], capsys, tmp_path / "o",
+                       "--out names one run folder")

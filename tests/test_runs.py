@@ -112,19 +112,30 @@ def test_same_seed_same_result(runs: dict[str, Path], digits_workspace: DigitsWo
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
-def test_several_budgets_in_one_process_equal_separate_runs(runs: dict[str, Path], digits_workspace: DigitsWorkspace,
-                                                            tmp_path: Path, capsys) -> None:
-    """`--budget A --budget B` runs both in one process, each into its own default folder, and each
-    result equals the run of that budget alone: nothing carries over from one run to the next."""
+def test_several_budgets_and_seeds_in_one_process_equal_separate_runs(runs: dict[str, Path],
+                                                                      digits_workspace: DigitsWorkspace,
+                                                                      tmp_path: Path, capsys) -> None:
+    """`--budget A --budget B --seed 0 --checkpoint C0 --seed 1 --checkpoint C1` runs all four in
+    one process (the batched grid's job), each into its own default folder, and each result
+    equals the run of that budget and seed alone: nothing carries over from one run to the next."""
     config = write_config(tmp_path / "config.yaml", digits_workspace.root, data_root=digits_workspace.data_root,
                           results_root=tmp_path / "results")
-    argv = ["--config", str(config), "run", "--method", "qat", "--dataset", "digits", "--seed", "0",
-            "--epochs", str(EPOCHS), "--checkpoint", str(digits_workspace.checkpoint),
-            "--budget", "0.02", "--budget", str(BUDGET)]
+    checkpoint = str(digits_workspace.checkpoint)
+    argv = ["--config", str(config), "run", "--method", "qat", "--dataset", "digits", "--epochs", str(EPOCHS),
+            "--budget", "0.02", "--budget", str(BUDGET), "--seed", "0", "--checkpoint", checkpoint,
+            "--seed", "1", "--checkpoint", checkpoint]
     assert main(argv) == 0, capsys.readouterr().err
     folder = tmp_path / "results" / "runs" / "digits" / "digits_cnn" / "qat"
-    assert _metrics(folder / "bops-0.02" / "s0")["budget"] == 0.02
+    assert {(m["budget"], m["seed"]) for m in map(_metrics, folder.glob("bops-*/s*"))} == {
+        (0.02, 0), (BUDGET, 0), (0.02, 1), (BUDGET, 1)}
     assert _stable(_metrics(folder / f"bops-{BUDGET}" / "s0")) == _stable(_metrics(runs["qat"]))
+    alone = tmp_path / "seed1"
+    seed1 = ["--config", str(config), "run", "--method", "qat", "--dataset", "digits", "--epochs", str(EPOCHS),
+             "--budget", str(BUDGET), "--seed", "1", "--checkpoint", checkpoint, "--out", str(alone)]
+    assert main(seed1) == 0
+    batched = _metrics(folder / f"bops-{BUDGET}" / "s1")
+    assert _stable(batched) == _stable(_metrics(alone))
+    assert _stable(batched) != {**_stable(_metrics(runs["qat"])), "seed": 1}  # the seed did change the run
     assert main(argv + ["--out", str(tmp_path / "one")]) == 2
     assert "--out names one run folder" in capsys.readouterr().err
 

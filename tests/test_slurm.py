@@ -218,7 +218,7 @@ def test_a_tiny_grid_runs_through_sbatch_on_a_real_slurm(cluster: Cluster, tmp_p
     shutil.copy(PROJECT / "Snakefile", work / "Snakefile")
     shutil.copytree(PROJECT / "config", work / "config")
     # one job per budget, as a cluster grid runs (config/paper.yaml): the profile's `compress` rule
-    config = write_config(work / "tiny.yaml", work, extra="batch_budgets: false\n")
+    config = write_config(work / "tiny.yaml", work, extra="batch_runs: false\n")
     create_experiment(work, "t")
     profile_dir, profile = _test_profile(tmp_path / "profile", cluster)
     summary = work / "results" / "summary.csv"
