@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.layers import compressible_layers, make_compressible, module_device
 from jpqbench.plan import CompressionPlan, LayerPlan
 from jpqbench.prune import ChannelGroups, ChannelMasks, apply_masks
 from jpqbench.quant import UniformQuantizer, round_ste, scale_grad
@@ -118,7 +118,7 @@ def _static_features(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=module_device(model)))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -487,8 +487,9 @@ def apply_policy(model: nn.Module, policy: Policy, learn_step: bool) -> None:
     apply_masks(model, policy.masks)
     for name, layer in compressible_layers(model).items():
         claim = policy.plan.layers[name]
-        layer.weight_quantizer = ChannelBitsQuantizer(claim.channel_bits(), learn_step)
-        layer.input_quantizer = UniformQuantizer(claim.a_bits, "asymmetric", channels=1, learn_step=learn_step)
+        device = layer.weight.device
+        layer.weight_quantizer = ChannelBitsQuantizer(claim.channel_bits(), learn_step).to(device)
+        layer.input_quantizer = UniformQuantizer(claim.a_bits, "asymmetric", channels=1, learn_step=learn_step).to(device)
 
 
 def calibrate_policy(model: nn.Module, batches) -> None:

@@ -12,13 +12,18 @@ Small datasets hold tensors in memory (:class:`TensorSplit`) and are served in w
 batches through a ``DataLoader`` with a batch sampler, which keeps the per-step Python
 overhead near zero. Large datasets (CIFAR-10 from disk, ImageNet) are ordinary
 ``torch.utils.data.Dataset`` objects.
+
+Datasets live and are decoded/augmented on the CPU; :meth:`DataBundle.loader` delivers every
+batch on the bundle's ``device`` (the run's: training, evaluation, calibration and method
+searches all draw their batches there), so no method moves a batch itself.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -82,6 +87,21 @@ def _identity(batch):
     return batch
 
 
+class _OnDevice:
+    """A loader whose batches are moved to ``device`` as they are drawn (from pinned memory)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for inputs, targets in self.loader:
+            yield inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
 @dataclass
 class DataBundle:
     """Everything a run needs to know about a dataset."""
@@ -94,10 +114,13 @@ class DataBundle:
     input_shape: tuple[int, ...]  # one sample, without the batch dimension (C, H, W)
     default_model: str
     fingerprint: str = ""  # hash of the prepared files, logged with every run
+    device: torch.device = torch.device("cpu")  # where loader() delivers batches: the run's device
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
-               generator: torch.Generator | None = None) -> DataLoader:
-        """A deterministic loader: with ``shuffle`` the order comes from ``generator`` only.
+               generator: torch.Generator | None = None) -> DataLoader | _OnDevice:
+        """A deterministic loader of (inputs, targets) batches on :attr:`device`: with ``shuffle``
+        the order comes from ``generator`` only (a CPU generator, so the order is the same on
+        every device).
 
         Under ``torch.distributed`` (a DDP run started by ``torchrun``) a shuffled loader gives
         each process its own shard of one permutation: every rank draws the permutation's seed
@@ -114,9 +137,12 @@ class DataBundle:
         else:
             sampler = SequentialSampler(dataset)
         batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        on_gpu = self.device.type == "cuda"
         if hasattr(dataset, "__getitems__"):
-            return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity)
-        return DataLoader(dataset, batch_sampler=batches)
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_identity, pin_memory=on_gpu)
+        else:
+            loader = DataLoader(dataset, batch_sampler=batches, pin_memory=on_gpu)
+        return _OnDevice(loader, self.device) if self.device.type != "cpu" else loader
 
 
 def file_sha256(path: Path) -> str:

@@ -19,28 +19,38 @@ steps per epoch and the learning-rate schedule are those of a single-process run
 results stay comparable across launch sizes. ``batch_size`` must divide by N.
 
 Rank 0 alone writes files (training checkpoints, ``plan.json``, ``model.pt``,
-``metrics.json``) and logs to MLflow. Backend: gloo (the harness trains on the CPU; nccl
-would need the model on a GPU, which the harness does not place). A method that cannot run
-distributed declares ``distributed = False`` and a distributed launch of it is refused
-before any work (:func:`check_launch`).
+``metrics.json``) and logs to MLflow; what it finds on disk before a run (a finished run, a
+run to resume, stale state to discard) it decides alone and tells every rank
+(:func:`agree`), so no rank trains a run that rank 0 found finished or reads a checkpoint rank
+0 is discarding. A method that cannot run distributed declares ``distributed = False`` and a
+distributed launch of it is refused before any work (:func:`check_launch`).
+
+Devices (:func:`use_device`, the config's ``device``): each process trains on
+``cuda:<LOCAL_RANK>`` when the run's device is CUDA, else on the CPU. The training group's
+backend follows the model: nccl for a model on a GPU (DDP wraps it with
+``device_ids=[local_rank]``), gloo on the CPU; :func:`all_sum` reduces on the backend's device.
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from jpqbench.errors import UserError
+from jpqbench.layers import module_device
 
 if TYPE_CHECKING:
     from jpqbench.methods_api import Method
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -50,6 +60,51 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``; 0 when not launched by it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(setting: str, processes_per_node: int | None = None) -> torch.device:
+    """The device a process of this launch trains on, for the config's ``device`` setting.
+
+    ``auto`` is CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU, or more
+    processes on a node than it has GPUs, is refused naming the fix. Under torchrun the
+    process uses ``cuda:<LOCAL_RANK>``. ``processes_per_node``: checked before a launch
+    (``--nproc``); default: this process's own index must have a GPU.
+    """
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("the config asks for device: cuda, but torch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                        "set `device: cpu` (or `auto`) in the config, or run on a machine with a GPU and a "
+                        "CUDA build of torch")
+    gpus = torch.cuda.device_count()
+    needed = processes_per_node if processes_per_node is not None else local_rank() + 1
+    if needed > gpus:
+        raise UserError(f"{needed} processes on this node need one GPU each, but it has {gpus}",
+                        f"launch at most {gpus} processes per node (--nproc / --nproc-per-node), or set "
+                        "`device: cpu`")
+    return torch.device("cuda", local_rank())
+
+
+def use_device(setting: str) -> torch.device:
+    """:func:`resolve_device`, made this process's current CUDA device (nccl and any allocation
+    without an explicit index then go to the process's own GPU)."""
+    device = resolve_device(setting)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """What ``metrics.json`` and MLflow record: ``cpu`` or e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{device.index} ({torch.cuda.get_device_name(device)})"
 
 
 def is_main_process() -> bool:
@@ -90,7 +145,8 @@ def shard_steps(samples: int, batch_size: int) -> tuple[int, int]:
 @contextmanager
 def training_group(model: nn.Module) -> Iterator[nn.Module]:
     """The module to train: ``model`` itself, or under torchrun ``model`` wrapped in DDP
-    inside a gloo process group that lives as long as the block.
+    inside a process group that lives as long as the block (nccl for a model on a GPU, with
+    ``device_ids=[its GPU]``; gloo on the CPU).
 
     DDP broadcasts rank 0's parameters and buffers when it wraps the model, so every rank
     starts the phase from the same weights, and averages the gradients, so the parameters stay
@@ -107,23 +163,74 @@ def training_group(model: nn.Module) -> Iterator[nn.Module]:
     if world_size() <= 1:
         yield model
         return
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already active: training phases cannot nest")
-    dist.init_process_group("gloo")
-    try:
-        yield nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    device = module_device(model)
+    cuda = device.type == "cuda"
+    with _process_group("nccl" if cuda else "gloo"):
+        yield nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                  find_unused_parameters=True)
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-        dist.barrier()
+        if cuda:
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+@contextmanager
+def _process_group(backend: str) -> Iterator[None]:
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already active: training phases and saved-state checks cannot nest")
+    dist.init_process_group(backend)
+    try:
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def agree(decide: Callable[[], T]) -> T:
+    """``decide()`` run by rank 0 alone, its result returned on every rank.
+
+    For what rank 0 finds on disk and acts on before a run (finished? resumable? stale state to
+    discard?): the other ranks wait for it (a barrier) and take its decision, so none trains a
+    run rank 0 found finished or reads a checkpoint rank 0 is deleting. A failure in rank 0's
+    ``decide`` is raised on every rank, not left as a hang. The result must pickle.
+    """
+    if world_size() <= 1:
+        return decide()
+    failure: BaseException | None = None
+    outcome: list[object] = [None]
+    with _process_group("gloo"):  # objects on the CPU, whatever the training backend
+        if is_main_process():
+            try:
+                outcome = [("ok", decide())]
+            except BaseException as error:  # SIGTERM included: every rank stops
+                failure = error
+                outcome = [("user", (error.problem, error.fix)) if isinstance(error, UserError)
+                           else ("failed", f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(outcome, src=0)
+        dist.barrier()  # every rank has the outcome before the group goes
+    if failure is not None:
+        raise failure
+    status, value = outcome[0]
+    if status == "user":
+        raise UserError(*value)
+    if status == "failed":
+        raise RuntimeError(f"rank 0 failed while checking the run's saved state ({value})")
+    return value
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_sum(*values: float) -> list[float]:
     """Sum ``values`` over the ranks (inside :func:`training_group`); unchanged in one process."""
     if not dist.is_initialized():
         return list(values)
-    total = torch.tensor(values, dtype=torch.float64)
+    total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(total)
     return total.tolist()
 
@@ -137,12 +244,46 @@ def all_finite(loss: torch.Tensor) -> bool:
     return all_sum(float(not finite))[0] == 0
 
 
+def worker_grace_s() -> int:
+    """How long torchrun gives its workers to unwind after a SIGTERM before it SIGKILLs them
+    (its ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, default 30 s)."""
+    return int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+
+
 def launch(processes: int, argv: list[str]) -> int:
     """Run ``jpqbench <argv>`` in ``processes`` local processes under torchrun; its exit code.
 
     ``--standalone`` picks a free local rendezvous port. For several nodes call torchrun
     yourself (``--nnodes``, ``--rdzv-endpoint``) with ``-m jpqbench.cli``.
+
+    Interrupted (SIGTERM, which the CLI raises as SystemExit, or Ctrl-C), the launcher stops
+    torchrun before it unwinds: torchrun forwards SIGTERM to its workers (each closes its run
+    as interrupted; a rerun resumes it), waits :func:`worker_grace_s` for them and SIGKILLs the
+    rest. torchrun itself is killed only if it outlives that by 30 s -- its workers run in
+    sessions of their own, so killing torchrun first (what ``subprocess.run`` does) would
+    orphan them.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "jpqbench.cli", *argv]
-    return subprocess.run(command, check=False).returncode
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+
+
+def _stop(torchrun: subprocess.Popen) -> None:
+    """SIGTERM to torchrun, a bounded wait for it and its workers, then SIGKILL. Further SIGTERMs
+    are ignored meanwhile: the shutdown already under way is the one they ask for."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if torchrun.poll() is None:
+            torchrun.send_signal(signal.SIGTERM)
+        try:
+            torchrun.wait(timeout=worker_grace_s() + 30)
+        except subprocess.TimeoutExpired:
+            torchrun.kill()
+            torchrun.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,6 +22,7 @@ their own modules as ``weight_quantizer`` / ``input_quantizer``; such a module m
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Callable, Iterable
 
 import torch
@@ -39,7 +40,7 @@ class _Compressible:
     bias: nn.Parameter | None
 
     def _init_compression(self) -> None:
-        self.register_buffer("out_mask", torch.ones(self.weight.shape[0]))
+        self.register_buffer("out_mask", self.weight.new_ones(self.weight.shape[0]))
         self.weight_quantizer: nn.Module = nn.Identity()
         self.input_quantizer: nn.Module = nn.Identity()
 
@@ -98,6 +99,17 @@ def compressible_layers(model: nn.Module) -> dict[str, CompressibleLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, _Compressible)}
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module with neither).
+
+    Where a tensor or a module made for ``module`` belongs: methods build quantizers, masks and
+    probes on the CPU (the same random draws on every device) and move them here when they
+    attach them, so a model on a GPU stays wholly on it.
+    """
+    tensor = next(chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _mask_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output * module.channel_mask.view(1, -1, *([1] * (output.dim() - 2)))
 
@@ -114,11 +126,11 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
 
 
 def mask_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: torch.Tensor) -> None:
-    """Zero the outputs of ``bn`` where ``mask`` is 0 (idempotent; the mask is a buffer)."""
+    """Zero the outputs of ``bn`` where ``mask`` is 0 (idempotent; the mask is a buffer on BN's device)."""
     if hasattr(bn, "channel_mask"):
         bn.channel_mask.copy_(mask)
         return
-    bn.register_buffer("channel_mask", mask.clone().float())
+    bn.register_buffer("channel_mask", mask.to(module_device(bn), torch.float32, copy=True))
     bn.register_forward_hook(_mask_output)
 
 

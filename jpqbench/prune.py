@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
+from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm, module_device
 
 ChannelMasks = dict[str, list[int]]  # module name -> pruned output-channel indices
 
@@ -49,8 +49,9 @@ class ChannelGroups:
     """The prunable channel groups of a model and their magnitude ranking."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        # Work on a copy: tracing runs a forward pass, which must not initialise quantizers.
-        self._model = copy.deepcopy(model).eval()
+        # Work on a CPU copy: tracing runs a forward pass, which must not initialise quantizers,
+        # and the ranking is then the same whatever device the model trains on.
+        self._model = copy.deepcopy(model).cpu().eval()
         self._names = {id(m): name for name, m in self._model.named_modules()}
         head = dict(self._model.named_modules())[classifier_name(self._model)]
         self._graph = tp.DependencyGraph().build_dependency(self._model, torch.ones(1, *input_shape))
@@ -101,7 +102,7 @@ def apply_masks(model: nn.Module, masks: tuple[ChannelMasks, ChannelMasks]) -> N
         layer.out_mask[layer_masks.get(name, [])] = 0.0
     for name, module in modules.items():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (name in norm_masks or hasattr(module, "channel_mask")):
-            mask = torch.ones(module.num_features)
+            mask = torch.ones(module.num_features, device=module_device(module))
             mask[norm_masks.get(name, [])] = 0.0
             mask_batchnorm(module, mask)
     unknown = set(layer_masks) - set(compressible_layers(model))

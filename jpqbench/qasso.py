@@ -95,7 +95,7 @@ import torch
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, mask_batchnorm
+from jpqbench.layers import compressible_layers, mask_batchnorm, module_device
 from jpqbench.learned_quant import LearnedQuantizer, learned_quantizers
 from jpqbench.qadg import CoupledRows, PruningGroup
 from jpqbench.train import TrainHooks, TrainSpec
@@ -234,7 +234,9 @@ def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, fl
 
     Uses the parameters and their ``direction`` (default: the current ``.grad``; QASSO passes
     its own update direction, as upstream); each criterion is divided by its L2 norm over all
-    channels before the weighted sum. Low score = redundant.
+    channels before the weighted sum. Low score = redundant. The per-row sums are made on the
+    parameters' device and gathered on the CPU, where the channel bookkeeping (scores, channel
+    masks, the groups' row indices) lives whatever device the model trains on.
     """
     weights = DEFAULT_SALIENCY if weights is None else weights
     modules = dict(model.named_modules())
@@ -243,9 +245,9 @@ def saliency(model: nn.Module, groups: list[PruningGroup], weights: dict[str, fl
         acc = torch.zeros(4, group.size, dtype=torch.float64)
         for coupled in (*group.layers, *group.norms):
             for value, grad in _rows(modules[coupled.module], coupled.rows, direction):
-                acc[0].index_add_(0, coupled.channels, (value.double() ** 2).sum(1))
-                acc[1].index_add_(0, coupled.channels, (value.double() * grad.double()).sum(1))
-                acc[2].index_add_(0, coupled.channels, (grad.double() ** 2).sum(1))
+                acc[0].index_add_(0, coupled.channels, (value.double() ** 2).sum(1).cpu())
+                acc[1].index_add_(0, coupled.channels, (value.double() * grad.double()).sum(1).cpu())
+                acc[2].index_add_(0, coupled.channels, (grad.double() ** 2).sum(1).cpu())
                 acc[3].index_add_(0, coupled.channels, torch.full((len(coupled.rows),), float(value.shape[1]),
                                                                   dtype=torch.float64))
         sq.append(acc[0]), dot.append(acc[1]), gsq.append(acc[2]), width.append(acc[3])
@@ -273,8 +275,9 @@ def select_lowest(score: torch.Tensor, groups: list[PruningGroup], excluded: tor
     Groups of at most ``divisible`` channels are never chosen. With ``divisible = k > 1`` each
     group's kept channels are then rounded up to a multiple of ``k`` (its highest-scoring chosen
     channels are given back), so fewer than ``count`` may be chosen -- upstream's
-    ``group_divisible``.
+    ``group_divisible``. ``score`` is a CPU tensor (:func:`saliency`'s); so is the result.
     """
+    excluded = excluded.cpu()
     chosen = torch.zeros_like(excluded)
     offsets = _offsets(groups)
     alive = [g.size - int(excluded[o:o + g.size].sum()) for g, o in zip(groups, offsets)]
@@ -318,6 +321,7 @@ def _offsets(groups: list[PruningGroup]) -> list[int]:
 
 def pruned_rows(groups: list[PruningGroup], channels: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Output rows of every conv/linear and BN that the channels in the bool mask ``channels`` cover."""
+    channels = channels.cpu()  # the groups' row indices are CPU tensors
     layers: dict[str, set[int]] = {}
     norms: dict[str, set[int]] = {}
     for group, offset in zip(groups, _offsets(groups)):
@@ -503,8 +507,9 @@ class Qasso(torch.optim.Optimizer):
         """Every group with redundant channels, with the redundant rows of each of its coupled modules
         (and whether the module is one of the group's conv/linear writers)."""
         out = []
+        redundant = self.qstate.redundant.cpu()  # indexes the groups' CPU rows; the rows index any device
         for group, offset in zip(self.groups, self.offsets):
-            local = self.qstate.redundant[offset:offset + group.size]
+            local = redundant[offset:offset + group.size]
             if not local.any():
                 continue
             parts = [(coupled, coupled.rows[local[coupled.channels]], is_layer)
@@ -602,7 +607,7 @@ class Qasso(torch.optim.Optimizer):
         counted cost at the current bit widths within the target; the last period takes all of it."""
         if self.period_counts:
             return self.period_counts[period]
-        pruned, divisible = self.qstate.pruned, self.config.group_divisible
+        pruned, divisible = self.qstate.pruned.cpu(), self.config.group_divisible
 
         def fits(count: int) -> bool:
             chosen = pruned | select_lowest(score, self.groups, pruned, count, divisible)
@@ -634,10 +639,9 @@ class Qasso(torch.optim.Optimizer):
             self._zero_cache = []
             for name, rows in (*layers.items(), *norms.items()):
                 module = self.modules[name]
-                index = torch.as_tensor(rows, dtype=torch.long)
                 for param in (module.weight, module.bias):
                     if param is not None:
-                        self._zero_cache.append((param, index))
+                        self._zero_cache.append((param, torch.as_tensor(rows, dtype=torch.long, device=param.device)))
         for param, index in self._zero_cache:
             param.index_fill_(0, index, 0.0)
 
@@ -684,7 +688,7 @@ class QassoHooks(TrainHooks):
         self.optimizer: Qasso | None = None
 
     def attach(self, model: nn.Module) -> None:
-        model.add_module(STATE_NAME, QassoState(sum(g.size for g in self.groups)))
+        model.add_module(STATE_NAME, QassoState(sum(g.size for g in self.groups)).to(module_device(model)))
         modules = dict(model.named_modules())
         for group in self.groups:
             for coupled in group.norms:

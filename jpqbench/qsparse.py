@@ -44,7 +44,7 @@ from torch import nn
 
 from jpqbench.errors import UserError
 from jpqbench.models.zoo import split_shared_relus
-from jpqbench.layers import CompressibleConv2d, CompressibleLinear, compressible_layers, observe_inputs
+from jpqbench.layers import CompressibleConv2d, CompressibleLinear, compressible_layers, module_device, observe_inputs
 from jpqbench.plan import CompressionPlan
 from jpqbench.quant import FLOAT_BITS
 
@@ -430,8 +430,10 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
         raise UserError(f"noncomm prunes activations before nn.ReLU modules, and {type(model).__name__} "
                         "has none besides the last one", "run it with acts=false (weights only)")
     shapes: dict[str, torch.Size] = {}
+    device = module_device(model)  # operators are built on the CPU and moved to the model's device
     observe_inputs(model, {**{name: model.get_submodule(name) for name in sites}, **layers},
-                   [torch.zeros(1, *input_shape)], lambda name, module, x: shapes.setdefault(name, x.shape[1:]))
+                   [torch.zeros(1, *input_shape, device=device)],
+                   lambda name, module, x: shapes.setdefault(name, x.shape[1:]))
     relu6_decimals = [d for d in decimals if relu6_keeps_grid(bits, d)]
     pre: dict[str, ActivationPQ] = {}
     for name in sites:
@@ -440,7 +442,7 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
             raise UserError(f"ReLU6 moves {bits}-bit values of the grid k * 2^-d off it for every d in "
                             f"{list(decimals)}",
                             "let decimal_range include a d >= -1 (the default is 0..19)")
-        pre[name] = ActivationPQ(shapes[name], bits, relu6_decimals if relu6 else decimals, prunable=prune)
+        pre[name] = ActivationPQ(shapes[name], bits, relu6_decimals if relu6 else decimals, prunable=prune).to(device)
     calls = {node.target: node for node in graph.nodes if node.op == "call_module" and node.target in layers}
     own: dict[str, ActivationPQ] = {}
     fed_by: dict[str, tuple[str, list[fx.Node]]] = {}
@@ -452,7 +454,7 @@ def place_activation_operators(model: nn.Module, input_shape: tuple[int, ...], b
         if node.op == "call_module" and node.target in pre:
             fed_by[name] = (node.target, path[::-1])
         else:
-            own[name] = layer.input_quantizer = ActivationPQ(shapes[name], bits, decimals, prunable=False)
+            own[name] = layer.input_quantizer = ActivationPQ(shapes[name], bits, decimals, prunable=False).to(device)
     for name, op in pre.items():
         relu = model.get_submodule(name)
         relu.__class__ = _PRE_ACTIVATION[type(relu)]

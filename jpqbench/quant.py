@@ -11,7 +11,9 @@ One uniform quantizer covers the common cases:
   initialised at 2 mean|x| / sqrt(q_max));
 * rounding uses the straight-through estimator, so the quantizer trains end to end.
 
-A quantizer reports its bit width through :attr:`bits`; the harness's plan checker verifies
+Quantizers are built on the CPU and moved with ``.to(device)`` to the layer they serve
+(:func:`jpqbench.layers.module_device`); whatever they compute afterwards is made on the
+device of the tensor they quantize. A quantizer reports its bit width through :attr:`bits`; the harness's plan checker verifies
 that a quantized tensor never takes more than 2**bits distinct values per channel.
 ``FLOAT_BITS`` (32) stands for "not quantized" everywhere in the harness.
 """
@@ -94,7 +96,8 @@ class UniformQuantizer(nn.Module):
             mean_abs = self._reduce(x, lambda t, dim: t.abs().mean(dim=dim))
             self.step.copy_((2 * mean_abs / self.q_max ** 0.5).clamp_min(1e-8))
             if self.mode == "asymmetric":
-                x_min = torch.minimum(self._reduce(x, lambda t, dim: t.amin(dim=dim)), torch.zeros(1))
+                x_min = self._reduce(x, lambda t, dim: t.amin(dim=dim))
+                x_min = torch.minimum(x_min, x_min.new_zeros(1))
                 self.zero_point.copy_(torch.round(-x_min / self.step))
             self.initialized.fill_(True)
         else:

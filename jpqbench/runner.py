@@ -4,13 +4,30 @@ A compression run:
 
 1. validates its inputs (method, dataset, budget, checkpoint) before any work;
 2. seeds everything (runs are deterministic on CPU for a seed);
-3. loads the shared FP32 checkpoint and hands it to the method with a :class:`RunContext`;
-4. checks the returned plan against the model (:func:`jpqbench.plan.verify_plan`);
-5. counts the cost with the one counter, evaluates on the test split **once**, exports the
-   real artifact ``model.jpq`` and measures it (:mod:`jpqbench.export`), and writes
-   ``plan.json``, ``model.pt``, ``model.jpq`` and finally ``metrics.json`` -- each atomically,
-   so an interrupted run never leaves a file that Snakemake would take as done;
-6. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
+3. loads the shared FP32 checkpoint onto the run's device and hands it to the method with a
+   :class:`RunContext`;
+4. evaluates on the test split **once** on the run's device; then, on the CPU, checks the
+   returned plan against the model (:func:`jpqbench.plan.verify_plan`), counts the cost with
+   the one counter, exports the real artifact ``model.jpq`` and measures it
+   (:mod:`jpqbench.export`), and writes ``plan.json``, ``model.pt``, ``model.jpq`` and finally
+   ``metrics.json`` -- each atomically, so an interrupted run never leaves a file that
+   Snakemake would take as done;
+5. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
+
+**Devices.** The config's ``device`` (``auto``: CUDA when torch sees a GPU, else the CPU;
+``cuda:<LOCAL_RANK>`` under torchrun) is where the model trains, evaluates, calibrates and
+where methods search: every batch comes from the data bundle on that device. The plan check,
+the cost counter and the export work on the CPU (counts do not depend on the device; the
+export's latency is CPU latency), and ``model.pt`` and the FP32 checkpoint hold CPU tensors, so
+they load anywhere. ``metrics.json`` and MLflow record the device (``device``, e.g. ``cpu`` or
+``cuda:0 (NVIDIA H100 80GB HBM3)``). CPU runs are bit-deterministic for a seed; CUDA runs set
+``torch.use_deterministic_algorithms`` (warning, not failing, where an operation has no
+deterministic kernel) and cuBLAS's deterministic workspace, so they are deterministic only as
+far as torch's deterministic algorithms allow, and do not equal CPU runs bit for bit.
+
+A run finished before with the same inputs (its outputs all present) is not redone: ``run``
+returns its recorded metrics (delete the run folder to redo it; Snakemake deletes a job's
+outputs before it reruns it).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
 run id): a killed run resumes from its last epoch and ends with the same result. Beside the
@@ -29,6 +46,7 @@ the prepared dataset's fingerprint) is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -49,7 +67,7 @@ from jpqbench import atomic
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle, file_sha256
-from jpqbench.distributed import check_launch, is_main_process, world_size
+from jpqbench.distributed import agree, check_launch, describe_device, is_main_process, resolve_device, use_device, world_size
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
 from jpqbench.export import ARTIFACT_NAME, export_run
@@ -61,17 +79,24 @@ from jpqbench.tracking import Tracker, abandon_run, git_commit, tracked_run
 from jpqbench.train import TrainSpec, fit
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> None:
+    """Seed Python, NumPy and torch (every device). On CUDA also ask for deterministic kernels
+    (warn_only: an operation without one warns instead of failing the run) and cuBLAS's
+    deterministic workspace; CPU kernels are deterministic already, and the switch costs ~2 s
+    of imports."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():  # CPU kernels are deterministic already; the switch costs ~2 s to import
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def load_data(config: BenchConfig, dataset: str) -> DataBundle:
+    """The dataset, delivering its batches on the run's device (the config's ``device``)."""
+    device = use_device(config.device)
     plugin = DATASETS.get(dataset)()
-    return plugin.load(Path(config.data_root) / dataset)
+    return dataclasses.replace(plugin.load(Path(config.data_root) / dataset), device=device)
 
 
 def build_model(recipe: TrainRecipe, data: DataBundle) -> nn.Module:
@@ -122,10 +147,9 @@ class RunState:
         only if it was made for the same inputs. State made for other inputs (a changed
         hyperparameter, recipe, budget or checkpoint) or by a version that recorded none is
         discarded, and an unfinished MLflow run it names is closed as KILLED ("abandoned"):
-        resuming from it would continue another run. Under torchrun rank 0 does this."""
-        if not is_main_process():
-            return
-        text = json.dumps(inputs, sort_keys=True, default=str)
+        resuming from it would continue another run. Under torchrun rank 0 does this, through
+        :func:`jpqbench.distributed.agree`, while the other ranks wait."""
+        text = _inputs_text(inputs)
         same = self.inputs_file.is_file() and self.inputs_file.read_text() == text
         if not same and (self.work.exists() or self.kept_id.exists()):
             print(f"discarding {self.work}: it was made for other inputs than this run's", file=sys.stderr)
@@ -138,11 +162,35 @@ class RunState:
             os.replace(self.kept_id, self.id_file)
         atomic.write_text(self.inputs_file, text)
 
+    def finished(self, inputs: dict[str, Any], outputs: tuple[str, ...]) -> dict[str, Any] | None:
+        """The recorded metrics of a run that finished with these ``inputs`` and whose ``outputs``
+        (beside ``metrics.json``) are all present; None when it has to run. A diverged run is
+        finished with ``metrics.json`` alone (rerunning it would diverge again)."""
+        out = self.inputs_file.parent
+        if self.work.exists() or not self.inputs_file.is_file() or not (out / "metrics.json").is_file():
+            return None
+        if self.inputs_file.read_text() != _inputs_text(inputs):
+            return None
+        try:
+            metrics = json.loads((out / "metrics.json").read_text())
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(metrics, dict) or metrics.get("status") not in ("ok", "diverged"):
+            return None
+        if metrics["status"] == "ok" and not all((out / name).is_file() for name in outputs):
+            return None
+        kept = self.kept_id.read_text().strip() if self.kept_id.is_file() else None
+        return metrics if metrics.get("mlflow_run_id") == kept else None
+
     def release(self) -> None:
         """The run ended: keep its MLflow run id beside the outputs, remove the work folder."""
         if self.id_file.exists():
             os.replace(self.id_file, self.kept_id)
         shutil.rmtree(self.work)
+
+
+def _inputs_text(inputs: dict[str, Any]) -> str:
+    return json.dumps(inputs, sort_keys=True, default=str)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -157,19 +205,19 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
     wall_start = time.perf_counter()
     recipe = config.recipe(dataset, model_name)
     data = load_data(config, dataset)
-    seed_everything(seed)
-    model = build_model(recipe, data)
+    seed_everything(seed, data.device)
+    model = build_model(recipe, data)  # built on the CPU (the same initial weights on every device), trained on data.device
     out.parent.mkdir(parents=True, exist_ok=True)
     state = RunState(out.with_name(out.stem + ".work"), f"{out.parent}/.{out.stem}.")
     work = state.work
-    state.claim(config, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint})
+    agree(lambda: state.claim(config, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint}))
     spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                      optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                      max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
     with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", state.id_file, tags) as tracker:
-        tracker.log_params({**recipe.model_dump(), "seed": seed})
+        tracker.log_params({**recipe.model_dump(), "seed": seed, "device": describe_device(data.device)})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
         if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 writes
@@ -177,7 +225,7 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
         figures = {"val_top1": result.history[-1]["val_top1"], "compute_time_s": result.compute_s, "train_time_s": result.wall_s,
                    "wall_time_s": time.perf_counter() - wall_start}
         tracker.log_metrics(figures, recipe.pretrain_epochs)
-        atomic.torch_save({"state_dict": model.state_dict(), "model": recipe.model, "dataset": dataset,
+        atomic.torch_save({"state_dict": model.cpu().state_dict(), "model": recipe.model, "dataset": dataset,
                             "num_classes": data.num_classes, "input_shape": list(data.input_shape), "seed": seed,
                             "data_hash": data.fingerprint, **figures}, out)
     state.release()
@@ -231,6 +279,7 @@ def validate_request(config: BenchConfig, request: RunRequest, processes: int | 
 
     ``processes``: how many processes will train it (``--nproc``, checked before torchrun is
     launched); default: this launch's world size."""
+    resolve_device(config.device, processes)  # `cuda` without a GPU, or fewer GPUs than processes
     config.recipe(request.dataset, request.model)  # the pair must be in the grid
     method_cls = get_method(request.method)
     if method_cls.takes_budget and request.budget is None:
@@ -258,25 +307,39 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
     if request.pretrain_if_missing and not request.checkpoint.exists():
         pretrain(config, request.dataset, request.model, request.seed, request.checkpoint)
     wall_start = time.perf_counter()
-    seed_everything(request.seed)
-    model = load_checkpoint(request.checkpoint, recipe, data)
+    seed_everything(request.seed, data.device)
+    model = load_checkpoint(request.checkpoint, recipe, data).to(data.device)
     method = make_method(request.method, config.method_params)
     out, work = request.out, request.out / ".work"
-    for stale in ("metrics.json", "plan.json", "model.pt", ARTIFACT_NAME):
-        (out / stale).unlink(missing_ok=True)
     epochs = request.epochs or recipe.epochs
     budget = request.budget
     state = RunState.of_run(out)
-    state.claim(config, {"method": request.method, "hparams": method.hp.model_dump(),
-                         "recipe": recipe.model_dump(), "epochs": epochs, "seed": request.seed,
-                         "budget": budget.key if budget else None, "data": data.fingerprint,
-                         "checkpoint": file_sha256(request.checkpoint)})
+    inputs = {"method": request.method, "hparams": method.hp.model_dump(), "recipe": recipe.model_dump(),
+              "epochs": epochs, "seed": request.seed, "budget": budget.key if budget else None,
+              "data": data.fingerprint, "checkpoint": file_sha256(request.checkpoint)}
+    outputs = ("plan.json", "model.pt", ARTIFACT_NAME)
+
+    def begin() -> dict[str, Any] | None:  # rank 0 decides for every rank (agree)
+        recorded = state.finished(inputs, outputs)
+        if recorded is None:
+            for stale in ("metrics.json", *outputs):
+                (out / stale).unlink(missing_ok=True)
+            state.claim(config, inputs)
+        return recorded
+
+    recorded = agree(begin)
+    if recorded is not None:
+        if is_main_process():
+            print(f"{out} finished before with the same inputs: not run again (delete it to redo it)",
+                  file=sys.stderr)
+        return recorded if is_main_process() else {}
     tags = {"stage": "compress", "method": request.method, "dataset": request.dataset, "model": recipe.model,
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
     run_name = GridPoint(request.dataset, request.model, request.method, budget, request.seed).run_dir(Path()).as_posix()
     with tracked_run(config, run_name, state.id_file, tags) as tracker:
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
+                            "device": describe_device(data.device),
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})
         ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
                          log_metrics=tracker.log_metrics)
@@ -285,17 +348,20 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 finishes
             return {}
         compressed.plan.method = request.method
+        compressed.model.to(data.device)
         if recipe.bn_recalibration_batches:  # the same for every method: part of the recipe
             recalibrate_batchnorm(compressed.model, ctx.calibration_batches(recipe.bn_recalibration_batches))
-        batch = next(iter(ctx.calibration_batches(1)))  # training inputs: for the plan check and the export's tables
-        verify_plan(compressed.plan, compressed.model, batch)
-        cost = ctx.cost(compressed.model, compressed.plan)
         val = evaluate(compressed.model, data, "val", recipe.batch_size)
         test = evaluate(compressed.model, data, "test", recipe.batch_size)  # the one touch of the test split
         # ...and a measurement on the same data, selecting nothing: zeros each layer really receives
         measured = measure_activation_sparsity(compressed.model,
                                                (x for x, _ in data.loader("test", recipe.batch_size)))
         tracker.log_metrics({f"measured_activation_sparsity/{name}": value for name, value in measured.items()}, 0)
+        # the checks, the count, the export and model.pt on the CPU (see the module doc)
+        compressed.model.cpu()
+        batch = next(iter(ctx.calibration_batches(1))).cpu()  # training inputs: the plan check, the export's tables
+        verify_plan(compressed.plan, compressed.model, batch)
+        cost = ctx.cost(compressed.model, compressed.plan)
         # the real artifact: physically pruned, bit-packed, loaded back and measured (jpqbench/export)
         exported, artifact_bits = export_run(
             compressed.model, compressed.plan, model_name=recipe.model, data=data,
@@ -316,7 +382,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
             "search_time_s": ctx.search_s,
             "status": "ok", "mlflow_run_id": tracker.run_id, "data_hash": data.fingerprint,
-            "git_commit": git_commit(),
+            "device": describe_device(data.device), "git_commit": git_commit(),
         }
         _write_outputs(config, compressed, metrics, wall_start, out, work, tracker)
     state.release()
@@ -348,7 +414,7 @@ def run_or_record_divergence(config: BenchConfig, request: RunRequest,
                    "budget": budget.target if budget else None, "seed": request.seed,
                    "epochs": request.epochs or recipe.epochs, "status": "diverged", "error": str(error),
                    "mlflow_run_id": state.id_file.read_text().strip() if state.id_file.is_file() else None,
-                   "data_hash": data.fingerprint, "git_commit": git_commit()}
+                   "data_hash": data.fingerprint, "device": describe_device(data.device), "git_commit": git_commit()}
         atomic.write_text(request.out / "metrics.json", json.dumps(metrics, indent=1))
         state.release()
         return metrics

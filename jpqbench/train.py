@@ -15,7 +15,11 @@ optimizer, schedule, data order, checkpointing and accounting.
   projections, per-epoch phase changes, their own optimizer parameter groups, or (a method
   that is an optimizer) their own optimizer;
 * ``compute_s`` accumulates the time spent in forward, backward, optimizer step and hooks
-  -- the work itself -- so the harness overhead of a run (everything else) is measurable.
+  -- the work itself -- so the harness overhead of a run (everything else) is measurable;
+* the model trains on the data's device (:attr:`jpqbench.data.DataBundle.device`, the run's):
+  :func:`fit` moves it there first (the same parameter objects, so hooks and parameter groups
+  made before stay valid). Checkpoints load onto the CPU and are copied into the model, so a
+  run resumes on any device; on CUDA the GPU's random state is saved and restored too.
 """
 from __future__ import annotations
 
@@ -107,6 +111,8 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
         log: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
     """Train ``model`` for ``spec.epochs`` epochs; resume from ``checkpoint`` if present."""
     hooks = hooks or TrainHooks()
+    model.to(data.device)
+    cuda = data.device if data.device.type == "cuda" else None
     groups = hooks.param_groups(model, spec.lr, spec.weight_decay)
     optimizer = hooks.make_optimizer(groups, spec)
     if optimizer is None:
@@ -119,11 +125,13 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and checkpoint.exists():
         try:
-            state = torch.load(checkpoint, weights_only=False)
+            state = torch.load(checkpoint, weights_only=False, map_location="cpu")
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to the parameters' device
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
+            if cuda is not None and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], cuda)
             result = TrainResult(state["history"], state["compute_s"], state["wall_s"])
             start_epoch = state["epoch"] + 1
         except Exception as error:  # noqa: BLE001 -- truncated, foreign or malformed: one problem for the user
@@ -170,8 +178,9 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
                 log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, epoch)
             if checkpoint is not None and is_main_process():
                 atomic.torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                              "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s},
-                             checkpoint)
+                                   "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                                   "history": result.history, "compute_s": result.compute_s, "wall_s": result.wall_s,
+                                   **({"cuda_rng": torch.cuda.get_rng_state(cuda)} if cuda is not None else {})},
+                                  checkpoint)
             progress.set_postfix(loss=f"{record['train_loss']:.3f}", train_top1=f"{record['train_top1']:.3f}")
     return result

@@ -20,9 +20,10 @@ def quantize_uniform(model: nn.Module, w_bits: int, a_bits: int, learn_step: boo
     """Give every conv/linear a ``w_bits`` weight quantizer and an ``a_bits`` input quantizer."""
     make_compressible(model)
     for layer in compressible_layers(model).values():
+        device = layer.weight.device
         layer.weight_quantizer = UniformQuantizer(w_bits, "symmetric", channels=layer.weight.shape[0],
-                                                  learn_step=learn_step)
-        layer.input_quantizer = UniformQuantizer(a_bits, "asymmetric", channels=1, learn_step=learn_step)
+                                                  learn_step=learn_step).to(device)
+        layer.input_quantizer = UniformQuantizer(a_bits, "asymmetric", channels=1, learn_step=learn_step).to(device)
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         if isinstance(quantizer, UniformQuantizer):
             flat = layer.weight.detach().reshape(quantizer.channels, -1)
             quantizer.calibrate(flat.amin(dim=1), flat.amax(dim=1))
-    observers: dict[str, MinMaxObserver] = {name: MinMaxObserver() for name in layers}
+    observers = {name: MinMaxObserver().to(layer.weight.device) for name, layer in layers.items()}
     observe_inputs(model, layers, batches, lambda name, layer, x: observers[name](x), bypass_input_quantizers=True)
     for name, layer in layers.items():
         if isinstance(layer.input_quantizer, UniformQuantizer):

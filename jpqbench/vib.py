@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from jpqbench.layers import CompressibleLayer, compressible_layers, mask_batchnorm
+from jpqbench.layers import CompressibleLayer, compressible_layers, mask_batchnorm, module_device
 
 _LOG_EPS = 1e-8  # keeps log mu^2 finite at mu = 0 (VIBNet's choice)
 
@@ -132,7 +132,7 @@ class Gates:
                 host.weight.mul_(scale)
                 host.bias.mul_(scale)
                 mask_batchnorm(host, kept.float())
-            else:
+            else:  # scale is on the gate's device, the layer's
                 layer.weight_quantizer = _ChannelScaledQuantizer(layer.weight_quantizer, scale)
                 if layer.bias is not None:
                     layer.bias.mul_(scale)
@@ -174,7 +174,7 @@ def gate_hosts(model: nn.Module, names: list[str], input_shape: tuple[int, ...])
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.ones(1, *input_shape))
+            model(torch.ones(1, *input_shape, device=module_device(model)))
     finally:
         model.train(was_training)
         for handle in handles:
@@ -201,7 +201,9 @@ def attach_gates(model: nn.Module, names: list[str], input_shape: tuple[int, ...
     gates, hosts, handles = {}, {}, []
     for name, (host_name, spatial) in gate_hosts(model, names, input_shape).items():
         host = modules[host_name]
-        gate = VIBGate(modules[name].weight.shape[0], threshold, init_mu, init_log_sigma2, spatial)
+        # drawn on the CPU (the same initial gates on every device), then moved to the layer's device
+        gate = VIBGate(modules[name].weight.shape[0], threshold, init_mu, init_log_sigma2, spatial).to(
+            modules[name].weight.device)
         host.vib_gate = gate
         handles.append(host.register_forward_hook(_gate_output))
         gates[name], hosts[name] = gate, host_name

@@ -30,7 +30,8 @@ from torch.utils.hooks import RemovableHandle
 
 from jpqbench.errors import UserError
 from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
-from jpqbench.layers import batchnorm_affine, compressible_layers, make_compressible, mask_batchnorm, observe_inputs
+from jpqbench.layers import (batchnorm_affine, compressible_layers, make_compressible, mask_batchnorm, module_device,
+                             observe_inputs)
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
 from jpqbench.prune import classifier_name
@@ -205,9 +206,10 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[_G
     """Coupled channels from torch-pruning's dependency graph (the classifier's outputs excluded).
 
     Channel i of a group's root maps to ``len(idxs) / size`` consecutive indices of every coupled
-    module (more than one after a flatten).
+    module (more than one after a flatten). Traced on a CPU copy: the groups (CPU tensors) do not
+    depend on the model's device.
     """
-    probe = copy.deepcopy(model).eval()
+    probe = copy.deepcopy(model).cpu().eval()
     names = {id(m): name for name, m in probe.named_modules()}
     head = probe.get_submodule(classifier_name(probe))
     graph = tp.DependencyGraph().build_dependency(probe, torch.ones(1, *input_shape))
@@ -246,12 +248,16 @@ class SearchSpace:
     Layers that produce the channels of one dependency group (residual partners, a depthwise conv
     and its producer) share one :class:`PrecisionChoice`, so they always agree on precision and
     pruning. Layers whose outputs are not prunable (the classifier) get a choice without 0 bits.
+
+    Devices: the space is built on the CPU and moved onto the model's device in one go; the slot maps it keeps for the cost models stay on the CPU, where
+    the cost models compute (:meth:`cost_inputs` brings the probabilities there, differentiably).
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], w_precisions: Sequence[int],
                  a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float,
                  signed_bits: Sequence[int] | None = None) -> None:
         make_compressible(model)
+        device = module_device(model)
         self.model = model
         self.layers = compressible_layers(model)
         self.shapes = layer_shapes(model, input_shape)
@@ -294,6 +300,7 @@ class SearchSpace:
                           for name in self.layers]
         for choice, (name, layer) in zip(self.a_choices, self.layers.items()):
             layer.input_quantizer = MixedPrecisionActivation(choice, name in signed_inputs, clip_init)
+        model.to(device)  # the choices, quantizers and gates just attached (parameters stay the same objects)
 
     def _gate(self, module: nn.Module, gate: ChannelGate, hook: Callable, name: str) -> None:
         module.cwmpq_gate = gate
@@ -333,7 +340,11 @@ class SearchSpace:
 
     # ---- costs
     def cost_inputs(self, probs: Sequence[torch.Tensor]) -> list[LayerCostInput]:
-        """Per layer, the cost model's view of ``probs`` (one matrix per choice, in :attr:`choices` order)."""
+        """Per layer, the cost model's view of ``probs`` (one matrix per choice, in :attr:`choices` order).
+
+        On the CPU, where the cost models compute; gradients flow back to ``probs`` on their device.
+        """
+        probs = [p.cpu() for p in probs]
         w_probs, a_probs = probs[:len(self.w_choices)], probs[len(self.w_choices):]
         out = []
         for name, a_prob, a_choice in zip(self.layers, a_probs, self.a_choices):
@@ -391,7 +402,7 @@ class SearchSpace:
             pact_module = layer.input_quantizer
             bits = pact_module.bits
             signed = pact_module.signed
-            quantizer = UniformQuantizer(bits, "symmetric" if signed else "asymmetric")
+            quantizer = UniformQuantizer(bits, "symmetric" if signed else "asymmetric").to(layer.weight.device)
             levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
             clip = pact_module.clip[pact_module.choice.precisions.index(bits)].clamp_min(1e-3)
             quantizer.step.fill_(float(clip / levels))

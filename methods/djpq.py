@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.layers import compressible_layers, make_compressible, module_device
 from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_learned_quantizers
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
@@ -59,10 +59,10 @@ class _Source(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         self.probe["seen"][self.name] = x.reshape(n, x.shape[1], -1).ne(0).any(dim=2)
-        out = torch.zeros(n, *self.out_shape)
+        out = x.new_zeros(n, *self.out_shape)
         if self.probe["source"] == self.name:
             start = self.probe["start"]
-            out[torch.arange(n), torch.arange(start, start + n)] = 1.0
+            out[torch.arange(n, device=x.device), torch.arange(start, start + n, device=x.device)] = 1.0
         return out
 
 
@@ -75,8 +75,10 @@ def trace_links(model: nn.Module, input_shape: tuple[int, ...], chunk: int = 256
     by the identity: for each source, a batch whose sample ``j`` carries a one-hot on the
     source's channel ``j`` shows which input channels of which layer that channel reaches.
     Residual adds (several sources per input channel), flatten (one channel, many inputs)
-    and depthwise convs (see :class:`SoftCost`) fall out of the same probe.
+    and depthwise convs (see :class:`SoftCost`) fall out of the same probe. The probe runs on a
+    CPU copy of ``model``, so the table (CPU tensors) does not depend on the model's device.
     """
+    model = copy.deepcopy(model).cpu()
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
@@ -155,18 +157,25 @@ class SoftCost:
     With 0/1 keeps and integer bits every product is an AND and every ``1 - prod(1 - .)`` an OR,
     so the value is exactly the harness counter's (jpqbench/cost.py) on the same plan; with soft
     keeps it is its smooth relaxation. Returned relative to the FP32 model's figure.
+
+    ``device``: where the keeps (the gates) live -- the link table is moved there once, and
+    every tensor of the walk is made there.
     """
 
-    def __init__(self, table: list[LayerLinks], input_channels: int, metric: str, dense: float) -> None:
-        self.table, self.input_channels, self.metric, self.dense = table, input_channels, metric, dense
+    def __init__(self, table: list[LayerLinks], input_channels: int, metric: str, dense: float,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.table = [replace(layer, feeds=[(source, index.to(device), channel.to(device))
+                                                        for source, index, channel in layer.feeds])
+                      for layer in table]
+        self.input_channels, self.metric, self.dense, self.device = input_channels, metric, dense, device
 
     def _walk(self, keep: dict[str, torch.Tensor]):
         """Per layer in execution order: (links, kept outputs by group, alive inputs by group, alive outputs)."""
-        alive: dict[str, torch.Tensor] = {INPUT: torch.ones(self.input_channels)}
+        alive: dict[str, torch.Tensor] = {INPUT: torch.ones(self.input_channels, device=self.device)}
         for layer in self.table:
             k = keep.get(layer.name)
-            kept = (torch.ones(layer.out_channels) if k is None else k).view(layer.groups, -1)
-            dead = torch.ones(layer.in_channels)
+            kept = (torch.ones(layer.out_channels, device=self.device) if k is None else k).view(layer.groups, -1)
+            dead = torch.ones(layer.in_channels, device=self.device)
             for source, index, channel in layer.feeds:
                 dead = dead.scatter_reduce(0, index, 1 - alive[source][channel], reduce="prod")
             alive_in = (1 - dead).view(layer.groups, -1)
@@ -179,7 +188,7 @@ class SoftCost:
         terms = {}
         for layer, kept, alive_in, _ in self._walk(keep):
             weights = layer.kernel_area * (kept.sum(dim=1) * alive_in.sum(dim=1)).sum()
-            bias = FLOAT_BITS * kept.sum() if layer.has_bias else torch.zeros(())
+            bias = FLOAT_BITS * kept.sum() if layer.has_bias else torch.zeros((), device=self.device)
             terms[layer.name] = (weights * layer.out_pixels, weights, bias)
         return terms
 
@@ -189,7 +198,7 @@ class SoftCost:
 
     def __call__(self, keep: dict[str, torch.Tensor], w_bits: dict[str, Any], a_bits: dict[str, Any]) -> torch.Tensor:
         """Relative cost; ``keep`` per layer (missing = all kept), bits per layer (tensors or numbers)."""
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for name, (macs, weights, bias) in self.layer_terms(keep).items():
             if self.metric == "bops":
                 total = total + macs * w_bits[name] * a_bits[name]
@@ -481,7 +490,7 @@ class DJPQ(Method):
         table = trace_links(model, ctx.input_shape)
         dense = ctx.cost(model)
         cost = SoftCost(table, ctx.input_shape[0], budget.metric,
-                        dense.dense_bops if budget.metric == "bops" else dense.dense_weight_bits)
+                        dense.dense_bops if budget.metric == "bops" else dense.dense_weight_bits, module_device(model))
         head = classifier_name(model)
         gates = attach_gates(model, [name for name in compressible_layers(model) if name != head], ctx.input_shape,
                              hp.threshold, init_log_sigma2=(hp.init_log_sigma2, 0.01))

@@ -100,9 +100,9 @@ class Geta(Method):
     def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
         hp = self.hp
         activations = hp.mode == "weight_activation"
-        # costs depend on shapes and the plan only: count them on a plain copy, which is cheaper to
-        # copy (no quantizers, hooks or gradients) in the counter's probe
-        skeleton = copy.deepcopy(model)
+        # costs depend on shapes and the plan only: count them on a plain CPU copy, which is cheaper
+        # to copy (no quantizers, hooks or gradients) in the counter's probe, whatever the model's device
+        skeleton = copy.deepcopy(model).cpu()
         install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
                                    init_bits=16, weight_ste_clip=hp.weight_ste_clip)
         if activations:

@@ -211,7 +211,7 @@ class NonCommutative(Method):
         decimals = range(*self.hp.decimal_range)
         placement = place_activation_operators(model, ctx.input_shape, bits, decimals, self.prunes_activations)
         for layer in layers.values():
-            layer.weight_quantizer = WeightPQ(layer.weight.shape, bits, decimals)
+            layer.weight_quantizer = WeightPQ(layer.weight.shape, bits, decimals).to(layer.weight.device)
         steps_per_epoch = _steps_per_epoch(ctx)
         prune, weights_at, acts_at = self.hp.points()
         events = schedule_events(prune, weights_at, acts_at, ctx.epochs * steps_per_epoch)

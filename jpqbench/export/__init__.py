@@ -13,6 +13,9 @@ evaluated (a new process would cost seconds of imports per run), and again from
    training batch, and CPU latency of the dense and the physically pruned float32 model,
    both with BN folded (:mod:`jpqbench.export.latency`).
 
+The export is CPU work whatever the run's device: :func:`export_run` moves the compressed
+model to the CPU and reads the test split there, and the latency it reports is CPU latency.
+
 ONNX is not written: the ``onnx`` package is not a dependency of jpqbench (and torch's
 exporter needs ``onnxscript`` as well); the loaded PyTorch model can be passed to
 ``torch.onnx.export`` where those are installed.
@@ -20,6 +23,7 @@ exporter needs ``onnxscript`` as well); the loaded PyTorch model can be passed t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,11 @@ def export_run(compressed: nn.Module, plan: CompressionPlan, *, model_name: str,
     """Write ``path`` and return ``(metrics, details)``: the summary columns and the size breakdown.
 
     ``weight_bits`` and ``top1`` are the run's counted weight size and fake-quant test accuracy.
+    ``compressed`` is moved to the CPU (in place), where the export and its measurements run.
     """
     start = time.perf_counter()
+    compressed, batch = compressed.cpu(), batch.cpu()
+    data = dataclasses.replace(data, device=torch.device("cpu"))
     built = build_artifact(compressed, plan, model_name, data.num_classes, tuple(data.input_shape), batch)
     raw = to_bytes(built.artifact)
     built.size.header = 8 * (_PREFIX.size + _PREFIX.unpack_from(raw)[2])
