@@ -176,11 +176,28 @@ def training_group(model: nn.Module) -> Iterator[nn.Module]:
             dist.barrier()
 
 
+_store: dist.Store | None = None  # this process's connection to the launch's key-value store
+_generation = 0  # process groups made so far: the same sequence on every rank
+
+
 @contextmanager
 def _process_group(backend: str) -> Iterator[None]:
+    """A process group for the block, its keys under a prefix of its own in the launch's store.
+
+    A run makes several groups one after the other (the saved-state check, each training
+    phase); torchrun's store outlives them all, and a default group reuses its name (and so its
+    store keys) each time it is re-created -- a rank could read the address another rank
+    published for an earlier group and hang or fail connecting to it. One store connection per
+    process and a fresh prefix per group keep the groups apart.
+    """
+    global _store, _generation
     if dist.is_initialized():
         raise RuntimeError("a process group is already active: training phases and saved-state checks cannot nest")
-    dist.init_process_group(backend)
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://"))
+    _generation += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(f"jpqbench/{_generation}", _store), rank=rank(),
+                            world_size=world_size())
     try:
         yield
     finally:

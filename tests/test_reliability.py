@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -274,3 +275,94 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(digits_workspace: Digit
     failed = pd.read_csv(tmp_path / "report" / "failed.csv")
     assert failed[["method", "status"]].values.tolist() == [["qat", "diverged"]]
     assert "diverged" in (tmp_path / "report" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- SIGTERM through `jpqbench run --nproc`
+NPROC_EPOCHS = 40  # 3 steps each: the run is still training when its first epoch checkpoint appears
+
+
+def _nproc_argv(config: Path, ws: DigitsWorkspace, out: Path) -> list[str]:
+    return ["-m", "jpqbench.cli", "--config", str(config), "run", "--method", "qat", "--dataset", "digits",
+            "--seed", "0", "--checkpoint", str(ws.checkpoint), "--budget", "0.05", "--epochs", str(NPROC_EPOCHS),
+            "--out", str(out), "--nproc", "2"]
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of the live processes that mention ``text`` (torchrun and its workers name the run folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if any(text.encode() in arg for arg in args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+@pytest.mark.slow  # four torchrun launches of 2 processes: ~1-2 min on 2 cores
+def test_sigterm_to_nproc_leaves_no_worker_and_reruns_resume_then_skip(digits_workspace: DigitsWorkspace,
+                                                                         tmp_path: Path) -> None:
+    """SIGTERM to `jpqbench run --nproc 2` mid-training: the parent exits 143 and no torchrun or
+    worker process is left; a rerun (--nproc 2) resumes the same MLflow run to the result of an
+    uninterrupted --nproc 2 run; a rerun of the finished run returns at once with status 0,
+    training nothing and logging nothing."""
+    from mlflow.tracking import MlflowClient
+
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    configs = {}
+    for name in ("reference", "killed"):
+        create_experiment(digits_workspace.root, f"nproc-{name}")
+        configs[name] = write_config(tmp_path / f"{name}.yaml", digits_workspace.root,
+                                     data_root=digits_workspace.data_root, results_root=tmp_path / "results",
+                                     experiment=f"nproc-{name}")
+    python = sys.executable
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run([python, *_nproc_argv(configs["reference"], digits_workspace, reference)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    log = tmp_path / "killed.log"
+    with log.open("wb") as stream:
+        process = subprocess.Popen([python, *_nproc_argv(configs["killed"], digits_workspace, out)], env=env,
+                                   cwd=tmp_path, stdout=stream, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / ".work" / "qat.pt").exists():
+                assert process.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no epoch checkpoint appeared in time"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert status == 143, log.read_text()[-3000:]
+    assert not _processes_naming(str(out)), "torchrun or a worker outlived the SIGTERM"
+    assert not (out / "metrics.json").exists(), "the run finished before the SIGTERM reached it"
+    client = MlflowClient(digits_workspace.tracking_uri)
+    interrupted = client.get_run((out / ".work" / "mlflow_run_id").read_text().strip())
+    assert interrupted.info.status != "FINISHED"
+
+    done = subprocess.run([python, *_nproc_argv(configs["killed"], digits_workspace, out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[:6000]
+    resumed, uninterrupted = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    stable = [key for key in uninterrupted if not VOLATILE.search(key)]
+    assert "top1" in stable and {k: resumed[k] for k in stable} == {k: uninterrupted[k] for k in stable}
+    assert (out / "plan.json").read_text() == (reference / "plan.json").read_text()
+    assert resumed["mlflow_run_id"] == interrupted.info.run_id  # the same MLflow run, continued
+
+    recorded = (out / "metrics.json").read_bytes()
+    history = len(client.get_metric_history(resumed["mlflow_run_id"], "qat/train_loss"))
+    start = time.monotonic()
+    done = subprocess.run([python, *_nproc_argv(configs["killed"], digits_workspace, out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished before with the same inputs: not run again" in done.stderr
+    assert (out / "metrics.json").read_bytes() == recorded and not (out / ".work").exists()
+    assert len(client.get_metric_history(resumed["mlflow_run_id"], "qat/train_loss")) == history
+    runs = client.search_runs([client.get_experiment_by_name("nproc-killed").experiment_id])
+    assert [run.info.run_id for run in runs] == [resumed["mlflow_run_id"]]
+    print(f"rerun of the finished run: {time.monotonic() - start:.1f} s (torchrun start-up included)")
