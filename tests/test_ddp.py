@@ -1,5 +1,8 @@
 """Data-parallel training under torchrun (jpqbench.distributed), with gloo and 2 CPU processes.
 
+* what rank 0 decides before a run (:func:`jpqbench.distributed.agree`) reaches every rank, and
+  its failure is raised on every rank (no hang); process groups made one after the other do not
+  interfere;
 * fit in 2 ranks: the ranks end bit-identical, batch-norm statistics included; the first step's averaged gradient is the
   gradient of one process on the union of the two ranks' batches (the recipe's batch_size is
   the global batch), and the step count and schedule are a single-process run's;
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from jpqbench.data import DataBundle, TensorSplit
+from jpqbench.distributed import agree
+from jpqbench.errors import UserError
 from jpqbench.train import TrainHooks, TrainSpec, fit
 
 WORLD = 2
@@ -74,14 +79,25 @@ def _train(model: nn.Module, checkpoint: Path) -> dict:
             "steps": recorder.steps, "history": result.history}
 
 
+def _refuse() -> None:
+    raise UserError("rank 0 refuses", "fix it")
+
+
 def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    decided = agree(lambda: f"rank 0's pid {os.getpid()}")
+    try:
+        agree(_refuse)
+        refused = None
+    except UserError as error:
+        refused = (error.problem, error.fix)
     trained = _train(_model(), Path(out) / "train.pt")
     bn_model = _bn_model()
     fit(bn_model, _data(), SPEC, seed=0, phase="bn")
-    torch.save({**trained, "bn_state": bn_model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    torch.save({**trained, "bn_state": bn_model.state_dict(), "decided": decided, "refused": refused},
+               Path(out) / f"rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -96,6 +112,8 @@ def test_two_ranks_stay_identical_and_step_on_the_global_batch(tmp_path: Path, m
         monkeypatch.delenv(name, raising=False)
     mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    assert ranks[0]["decided"] == ranks[1]["decided"] and ranks[0]["decided"].startswith("rank 0's pid")
+    assert ranks[0]["refused"] == ranks[1]["refused"] == ("rank 0 refuses", "fix it")
 
     for state in ("state", "bn_state"):  # parameters and buffers (batch-norm statistics) alike
         for key, value in ranks[0][state].items():
