@@ -126,7 +126,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 def _probe(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan | None
            ) -> tuple[dict[str, LayerShape], dict[str, torch.Tensor]]:
     """Shapes of every conv/linear, and which of its input channels are alive under ``plan``."""
-    probe = copy.deepcopy(model).eval()
+    probe = copy.deepcopy(model).cpu().eval()  # counted on the CPU, wherever the run trains
     layers = _layers(probe)
     shapes: dict[str, LayerShape] = {}
     alive: dict[str, torch.Tensor] = {}

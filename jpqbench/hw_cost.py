@@ -146,7 +146,7 @@ def get_cost_model(name: str) -> CostModel:
 @torch.no_grad()
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerShape]:
     """The shape of every conv/linear layer on one input, with the cost counter's conventions."""
-    probe = copy.deepcopy(model).eval()
+    probe = copy.deepcopy(model).cpu().eval()
     shapes: dict[str, LayerShape] = {}
 
     def hook(name: str):

@@ -56,7 +56,7 @@ class PruningGroup:
 
 def _strip_quantizers(model: nn.Module) -> nn.Module:
     """A copy whose compressible layers have identity quantizers (the folded QADG nodes)."""
-    stripped = copy.deepcopy(model).eval()
+    stripped = copy.deepcopy(model).cpu().eval()
     for layer in compressible_layers(stripped).values():
         layer.weight_quantizer = nn.Identity()
         layer.input_quantizer = nn.Identity()

@@ -94,7 +94,8 @@ class Cluster:
     @property
     def env(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-        return {**env, "SLURM_CONF": str(self.conf), "PATH": f"{env.get('PATH', '')}:/usr/sbin"}
+        # JPQBENCH_SLURM_GPUS=0: the test cluster has no GPUs (the profile asks for one per training job)
+        return {**env, "SLURM_CONF": str(self.conf), "PATH": f"{env.get('PATH', '')}:/usr/sbin", "JPQBENCH_SLURM_GPUS": "0"}
 
 
 def _wait(condition, what: str, timeout: float = 30.0) -> None:
