@@ -84,7 +84,7 @@ def main() -> int:
     n_jobs = len(jobs)
     print("| figure | value |\n|---|---|")
     print(f"| grid wall time | {grid_wall:.0f} s ({grid_wall / 60:.1f} min; bar: 10 min) |")
-    print(f"| training jobs (pretrain, reference, compress: all budgets of a method and seed) | {n_jobs}, "
+    print(f"| training jobs (pretrain, reference, compress: all budgets and seeds of a method) | {n_jobs}, "
           f"{job_wall:.0f} s of job wall time in all |")
     print(f"| compute (forward/backward/step) | {compute:.0f} s ({compute / job_wall:.1%} of job time) |")
     print(f"| harness work in a run (data, evaluation, checkpoints, MLflow, counting, checking) | "
