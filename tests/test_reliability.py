@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -287,22 +288,34 @@ def _nproc_argv(config: Path, ws: DigitsWorkspace, out: Path) -> list[str]:
             "--out", str(out), "--nproc", "2"]
 
 
-def _processes_naming(text: str) -> list[str]:
-    """Command lines of the live processes that mention ``text`` (torchrun and its workers name the run folder)."""
-    found = []
+def _processes_naming(text: str) -> dict[int, str]:
+    """pid -> command line of the live processes that mention ``text`` (torchrun and its workers name the run folder)."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:  # ended meanwhile
             continue
         if any(text.encode() in arg for arg in args):
-            found.append(b" ".join(args).decode(errors="replace"))
+            found[int(cmdline.parent.name)] = b" ".join(args).decode(errors="replace")
     return found
+
+
+@pytest.fixture
+def reap(tmp_path: Path) -> Iterator[None]:
+    """After the test, SIGKILL whatever process still names its folder: a failing test must not
+    leave torchrun workers blocked in a collective for the rest of the session."""
+    yield
+    for pid in _processes_naming(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow  # four torchrun launches of 2 processes: ~1-2 min on 2 cores
 def test_sigterm_to_nproc_leaves_no_worker_and_reruns_resume_then_skip(digits_workspace: DigitsWorkspace,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, reap: None) -> None:
     """SIGTERM to `jpqbench run --nproc 2` mid-training: the parent exits 143 and no torchrun or
     worker process is left; a rerun (--nproc 2) resumes the same MLflow run to the result of an
     uninterrupted --nproc 2 run; a rerun of the finished run returns at once with status 0,
