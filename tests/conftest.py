@@ -1,10 +1,19 @@
 """Shared fixtures: a prepared digits dataset and its pretrained FP32 checkpoint in a temp folder."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # the suite runs in one worker per core (pytest -n auto): one torch thread per worker, in
+    # the worker and every process a test starts, or the workers' threads oversubscribe the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def write_config(path: Path, root: Path, *, data_root: Path | None = None, experiment: str = "t",
