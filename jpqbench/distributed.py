@@ -170,10 +170,7 @@ def training_group(model: nn.Module) -> Iterator[nn.Module]:
                                                   find_unused_parameters=True)
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-        if cuda:
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[device.index] if cuda else None)
 
 
 _store: dist.Store | None = None  # this process's connection to the launch's key-value store

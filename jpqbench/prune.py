@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm, module_device
+from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
 
 ChannelMasks = dict[str, list[int]]  # module name -> pruned output-channel indices
 
@@ -102,7 +102,7 @@ def apply_masks(model: nn.Module, masks: tuple[ChannelMasks, ChannelMasks]) -> N
         layer.out_mask[layer_masks.get(name, [])] = 0.0
     for name, module in modules.items():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (name in norm_masks or hasattr(module, "channel_mask")):
-            mask = torch.ones(module.num_features, device=module_device(module))
+            mask = torch.ones(module.num_features)  # mask_batchnorm keeps it on BN's device
             mask[norm_masks.get(name, [])] = 0.0
             mask_batchnorm(module, mask)
     unknown = set(layer_masks) - set(compressible_layers(model))

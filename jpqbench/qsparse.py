@@ -392,7 +392,7 @@ def _refuse_unsupported(model: nn.Module, graph: fx.Graph, layers: dict[str, nn.
             raise UserError(f"{type(model).__name__} calls module {node.target} {calls[node.target]} times; "
                             "noncomm keeps one activation mask per call site",
                             "give every activation and layer call its own module (split_shared_relus in "
-                            "jpqbench/qsparse.py does it for torchvision's ResNet blocks)")
+                            "jpqbench/models/zoo.py does it for torchvision's ResNet blocks)")
     missing = set(layers) - set(calls)
     if missing:
         raise UserError(f"layers {sorted(missing)} are never called in the forward pass",

@@ -249,8 +249,9 @@ class SearchSpace:
     and its producer) share one :class:`PrecisionChoice`, so they always agree on precision and
     pruning. Layers whose outputs are not prunable (the classifier) get a choice without 0 bits.
 
-    Devices: the space is built on the CPU and moved onto the model's device in one go; the slot maps it keeps for the cost models stay on the CPU, where
-    the cost models compute (:meth:`cost_inputs` brings the probabilities there, differentiably).
+    Devices: the space is built on the CPU and moved onto the model's device in one go; the slot
+    maps it keeps for the cost models stay on the CPU, where the cost models compute
+    (:meth:`cost_inputs` brings the probabilities there, differentiably).
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], w_precisions: Sequence[int],

@@ -131,7 +131,7 @@ class NonCommutative(Method):
       not quantized on its own, which keeps the next block's input on one ``bits``-bit grid
       (a sum of two grids would need more). The block input read by body and shortcut has one
       operator. torchvision's ResNet blocks call one ``relu`` module at two or three sites; each
-      site first gets a ReLU module of its own (:func:`jpqbench.qsparse.split_shared_relus`:
+      site first gets a ReLU module of its own (:func:`jpqbench.models.zoo.split_shared_relus`:
       parameter-free ``relu_1``/``relu_2`` beside ``relu`` and a class swap of the block, so
       every conv/linear/BN name and ``state_dict`` key stays), hence one mask per site.
       ``nn.ReLU6`` (MobileNetV2) is treated as ReLU, with the operator's fractional bits ``d``
