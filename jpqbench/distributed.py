@@ -32,6 +32,8 @@ backend follows the model: nccl for a model on a GPU (DDP wraps it with
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import signal
@@ -233,6 +235,33 @@ def agree(decide: Callable[[], T]) -> T:
     return value
 
 
+def check_ranks_agree(model: nn.Module, plan_layers: dict) -> None:
+    """Raise on every rank unless every rank ends a method with the same model and per-layer plan.
+
+    A distributed run lets rank 0 alone evaluate, count and write the result, on the promise
+    that the ranks' models are identical (:func:`training_group`). A method that decides
+    something from rank-specific data inside a training phase (a statistic or a mask taken
+    from the rank's own batches and not reduced over the ranks) breaks that promise silently;
+    this makes it a failed run. Compares a digest of every tensor of the state (bit for bit) and
+    of the plan's layers (JSON).
+    """
+    if world_size() <= 1:
+        return
+    digest = hashlib.sha256(json.dumps(plan_layers, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[str | None] = [None] * world_size()
+    with _process_group("gloo"):
+        dist.all_gather_object(digests, digest.hexdigest())
+    differing = [index for index, value in enumerate(digests) if value != digests[0]]
+    if differing:
+        raise RuntimeError(f"the ranks ended the method with different models or plans (ranks {differing} differ "
+                           "from rank 0): the method decides something from a rank's own batches without "
+                           "reducing it over the ranks, so it cannot run distributed as it is; run it in one "
+                           "process, or reduce that statistic with jpqbench.distributed")
+
+
 def _collective_device() -> torch.device:
     """Where a collective's tensors must live: the current GPU under nccl, the CPU under gloo."""
     if dist.get_backend() == "nccl":
@@ -244,9 +273,16 @@ def all_sum(*values: float) -> list[float]:
     """Sum ``values`` over the ranks (inside :func:`training_group`); unchanged in one process."""
     if not dist.is_initialized():
         return list(values)
-    total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(total)
-    return total.tolist()
+    return all_sum_(torch.tensor(values, dtype=torch.float64, device=_collective_device())).tolist()
+
+
+def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks in place (inside :func:`training_group`; on the model's
+    device), returned; unchanged in one process. For statistics a rank gathers from its own
+    share of the batches that decide something every rank must decide alike."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def all_finite(loss: torch.Tensor) -> bool:

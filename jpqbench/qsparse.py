@@ -42,6 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from jpqbench.distributed import all_sum_
 from jpqbench.errors import UserError
 from jpqbench.models.zoo import split_shared_relus
 from jpqbench.layers import CompressibleConv2d, CompressibleLinear, compressible_layers, module_device, observe_inputs
@@ -89,13 +90,19 @@ class Pow2Quantizer(nn.Module):
         return x.detach().reshape(self.channels, -1)
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """Add the squared error of quantizing ``x`` at every candidate ``d`` to the window's sums."""
+    def observe(self, x: torch.Tensor, *, over_ranks: bool = False) -> None:
+        """Add the squared error of quantizing ``x`` at every candidate ``d`` to the window's sums.
+
+        ``over_ranks``: ``x`` is this process's share of the batch (an activation under DDP), so
+        the errors are summed over the ranks -- every rank's window then holds the whole batch,
+        as one process's would, and every rank picks the same ``d``.
+        """
         flat = self._flat(x)
         limit = 2 ** (self.bits - 1)
-        for index, scale in enumerate(torch.exp2(self.candidates).tolist()):
-            grid = torch.trunc(flat * scale).clamp_(-limit, limit - 1).div_(scale)
-            self.errors[index] += grid.sub_(flat).square_().sum(dim=1, dtype=torch.float64)
+        errors = torch.stack([torch.trunc(flat * scale).clamp_(-limit, limit - 1).div_(scale)
+                              .sub_(flat).square_().sum(dim=1, dtype=torch.float64)
+                              for scale in torch.exp2(self.candidates).tolist()])
+        self.errors += all_sum_(errors) if over_ranks else errors
 
     @torch.no_grad()
     def switch_on(self) -> None:
@@ -206,9 +213,9 @@ class ActivationPQ(_MaskedQuantized):
 
     @torch.no_grad()
     def _update_mask(self, x: torch.Tensor) -> None:
-        if self._observe_magnitude:
-            self.magnitude_sum += x.detach().abs().sum(dim=0).double()
-            self.magnitude_count += x.shape[0]
+        if self._observe_magnitude:  # summed over the ranks under DDP: the mask is the whole batch's
+            self.magnitude_sum += all_sum_(x.detach().abs().sum(dim=0).double())
+            self.magnitude_count += all_sum_(torch.tensor(x.shape[0], device=x.device))
         if self._prune_to is not None:
             mean = self.magnitude_sum / self.magnitude_count.clamp_min(1)
             self.mask.copy_(magnitude_mask(mean, self.mask, self._prune_to))
@@ -233,7 +240,7 @@ class ActivationPQ(_MaskedQuantized):
             self._update_mask(x)
         pruned = x * self.mask if self.prunable else x
         if self.training and self._observe:
-            self.quantizer.observe(pruned)
+            self.quantizer.observe(pruned, over_ranks=True)
         if self.training and self._switch_on:
             self.quantizer.switch_on()
             self._switch_on = False

@@ -30,7 +30,8 @@ returns its recorded metrics (delete the run folder to redo it; Snakemake delete
 outputs before it reruns it).
 
 Intermediate state lives in ``<out>/.work/`` (per-phase training checkpoints, the MLflow
-run id): a killed run resumes from its last epoch and ends with the same result. Beside the
+run id): a killed run resumes from its last epoch and ends with the same result (bit for bit
+on the CPU; on CUDA as far as torch's deterministic kernels reach, see :func:`seed_everything`). Beside the
 outputs, the hidden ``.inputs.json`` and ``.mlflow_run_id`` (:class:`RunState`) record the
 inputs the run was made for (method, hyperparameters, recipe, budget, seed, data and FP32
 checkpoint) and its MLflow run: a rerun with the same inputs continues the same MLflow run
@@ -67,7 +68,7 @@ from jpqbench import atomic
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle, file_sha256
-from jpqbench.distributed import agree, check_launch, describe_device, is_main_process, resolve_device, use_device, world_size
+from jpqbench.distributed import agree, check_launch, check_ranks_agree, describe_device, is_main_process, resolve_device, use_device, world_size
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
 from jpqbench.export import ARTIFACT_NAME, export_run
@@ -83,7 +84,10 @@ def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> No
     """Seed Python, NumPy and torch (every device). On CUDA also ask for deterministic kernels
     (warn_only: an operation without one warns instead of failing the run) and cuBLAS's
     deterministic workspace; CPU kernels are deterministic already, and the switch costs ~2 s
-    of imports."""
+    of imports. Some CUDA kernels have no deterministic version in torch (among those the
+    methods use: the backward of ``cross_entropy`` and of adaptive average pooling, and
+    ``scatter_reduce`` in DJPQ's soft cost): they warn, and a CUDA run -- a resumed one too --
+    can then differ from another in the last bits."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -345,6 +349,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
                          log_metrics=tracker.log_metrics)
         compressed = method.compress(model, budget, ctx)
         _check_finite(compressed.model)
+        check_ranks_agree(compressed.model, compressed.plan.to_dict()["layers"])  # its notes may hold timings
         if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 finishes
             return {}
         compressed.plan.method = request.method

@@ -5,9 +5,12 @@
   interfere;
 * fit in 2 ranks: the ranks end bit-identical, batch-norm statistics included; the first step's averaged gradient is the
   gradient of one process on the union of the two ranks' batches (the recipe's batch_size is
-  the global batch), and the step count and schedule are a single-process run's;
+  the global batch), and the step count and schedule are a single-process run's; a statistic
+  that decides something (noncomm's activation magnitudes and quantization errors) is the
+  union batch's on every rank;
 * `jpqbench run --nproc 2` (torchrun) on a real method: the run completes, metrics.json is
-  written once and MLflow holds exactly one run for it;
+  written once and MLflow holds exactly one run for it; every built-in method runs under 2
+  ranks and its ranks end with the same model and plan, and a method whose ranks differ fails;
 * a method declaring ``distributed = False``, or a batch that does not split evenly, is
   refused before any work, with the fix.
 """
@@ -27,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.distributed import agree
+from jpqbench.distributed import agree, training_group
+from jpqbench.qsparse import ActivationPQ
+from jpqbench.registry import METHODS
 from jpqbench.errors import UserError
 from jpqbench.train import TrainHooks, TrainSpec, fit
 
@@ -83,6 +88,26 @@ def _refuse() -> None:
     raise UserError("rank 0 refuses", "fix it")
 
 
+def _observer() -> tuple[nn.Module, ActivationPQ]:
+    """A layer and noncomm's activation pruner-quantizer after it, armed to gather its statistics."""
+    torch.manual_seed(2)
+    pq = ActivationPQ(torch.Size([4]), bits=4, decimals=range(0, 8), prunable=True)
+    pq.arm(observe_magnitude=True, observe=True)
+    return nn.Sequential(nn.Linear(6, 4), pq).train(), pq
+
+
+def _share(rank: int) -> torch.Tensor:
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(10 + rank))
+
+
+def _observe_share(rank: int) -> dict[str, torch.Tensor]:
+    """Each rank shows the observer its own share of a batch, inside a training phase (DDP)."""
+    model, pq = _observer()
+    with training_group(model) as ddp:
+        ddp(_share(rank)).sum().backward()
+    return {"magnitude_sum": pq.magnitude_sum, "magnitude_count": pq.magnitude_count, "errors": pq.quantizer.errors}
+
+
 def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -96,8 +121,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     trained = _train(_model(), Path(out) / "train.pt")
     bn_model = _bn_model()
     fit(bn_model, _data(), SPEC, seed=0, phase="bn")
-    torch.save({**trained, "bn_state": bn_model.state_dict(), "decided": decided, "refused": refused},
-               Path(out) / f"rank{rank}.pt")
+    torch.save({**trained, "bn_state": bn_model.state_dict(), "decided": decided, "refused": refused,
+                "observed": _observe_share(rank)}, Path(out) / f"rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -140,6 +165,14 @@ def test_two_ranks_stay_identical_and_step_on_the_global_batch(tmp_path: Path, m
     # the epoch figures are summed over both shards, so every rank logs the same
     assert 0.0 <= ranks[0]["history"][-1]["train_top1"] == ranks[1]["history"][-1]["train_top1"] <= 1.0
 
+    # statistics that decide (noncomm's activation masks and fractional bits) are the whole batch's on every rank
+    model, pq = _observer()
+    model(torch.cat([_share(rank) for rank in range(WORLD)]))
+    for key, expected in {"magnitude_sum": pq.magnitude_sum, "magnitude_count": pq.magnitude_count,
+                          "errors": pq.quantizer.errors}.items():
+        assert torch.equal(ranks[0]["observed"][key], ranks[1]["observed"][key]), key
+        torch.testing.assert_close(ranks[0]["observed"][key], expected, rtol=1e-6, atol=0.0)
+
 
 def _run_args(workspace, *extra: str) -> list[str]:
     return ["--config", str(workspace.config), "run", "--dataset", "digits", "--seed", "0",
@@ -170,6 +203,26 @@ def test_nproc_2_runs_a_method_under_torchrun_and_records_it_once(digits_workspa
     assert len(runs) == 1, "a distributed run is recorded once, by rank 0"
     assert runs[0].info.run_id == metrics["mlflow_run_id"] and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["top1"] == pytest.approx(metrics["top1"])
+
+
+@pytest.mark.slow  # ~60 s: 11 methods in one launch of 2 ranks
+def test_every_builtin_method_runs_distributed_and_its_ranks_agree(digits_workspace, tmp_path: Path) -> None:
+    """Each method under 2 ranks ends with the same model and plan on both (the harness compares
+    them before rank 0 alone evaluates and writes); a method whose ranks differ is refused."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"
+    driver = Path(__file__).with_name("ddp_every_method.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(driver), str(digits_workspace.config), str(digits_workspace.checkpoint), str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=digits_workspace.root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
+    assert set(outcomes) == set(METHODS.names()) | {"rank_dependent"}
+    refused = outcomes.pop("rank_dependent")
+    assert refused.startswith("error: the ranks ended the method with different models or plans (ranks [1] differ")
+    assert not (tmp_path / "rank_dependent" / "metrics.json").exists()
+    expected = {method: "status 0: ok, target met " + ("None" if method == "fp32" else "True") for method in outcomes}
+    assert outcomes == expected
 
 
 @pytest.fixture
