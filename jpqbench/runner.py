@@ -224,6 +224,7 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
         tracker.log_params({**recipe.model_dump(), "seed": seed, "device": describe_device(data.device)})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
+        check_ranks_agree(model, {})
         if not is_main_process():  # under torchrun: training is over, the ranks' models are identical; rank 0 writes
             return {}
         figures = {"val_top1": result.history[-1]["val_top1"], "compute_time_s": result.compute_s, "train_time_s": result.wall_s,

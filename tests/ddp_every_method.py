@@ -1,6 +1,7 @@
-"""Run under torchrun by tests/test_ddp.py: every built-in method, one after the other, in one
-launch of 2 ranks (start-up paid once), plus ``rank_dependent``, a method whose ranks end with
-different weights, which the harness must refuse. Rank 0 writes ``{method: outcome}`` as JSON.
+"""Run under torchrun by tests/test_ddp.py: pretraining, then every built-in method, one after
+the other, in one launch of 2 ranks (start-up paid once), plus ``rank_dependent``, a method whose
+ranks end with different weights, which the harness must refuse. Rank 0 writes
+``{"pretrain" or method: outcome}`` as JSON.
 
     torchrun --standalone --nproc-per-node 2 tests/ddp_every_method.py CONFIG CHECKPOINT OUT
 """
@@ -45,6 +46,8 @@ def outcome(config: str, checkpoint: str, out: Path, method: str) -> str:
 
 if __name__ == "__main__":
     config, checkpoint, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    outcomes = {method: outcome(config, checkpoint, out, method) for method in METHODS.names()}
+    pretrained = main(["--config", config, "pretrain", "--dataset", "digits", "--out", str(out / "pretrained.pt")])
+    outcomes = {"pretrain": f"status {pretrained}",
+                **{method: outcome(config, checkpoint, out, method) for method in METHODS.names()}}
     if is_main_process():
         (out / "outcomes.json").write_text(json.dumps(outcomes, indent=1))

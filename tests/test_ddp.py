@@ -207,8 +207,9 @@ def test_nproc_2_runs_a_method_under_torchrun_and_records_it_once(digits_workspa
 
 @pytest.mark.slow  # ~60 s: 11 methods in one launch of 2 ranks
 def test_every_builtin_method_runs_distributed_and_its_ranks_agree(digits_workspace, tmp_path: Path) -> None:
-    """Each method under 2 ranks ends with the same model and plan on both (the harness compares
-    them before rank 0 alone evaluates and writes); a method whose ranks differ is refused."""
+    """Pretraining and each method under 2 ranks end with the same model (and plan) on both (the
+    harness compares them before rank 0 alone evaluates and writes); a method whose ranks differ
+    is refused."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"
     driver = Path(__file__).with_name("ddp_every_method.py")
@@ -217,7 +218,8 @@ def test_every_builtin_method_runs_distributed_and_its_ranks_agree(digits_worksp
                           capture_output=True, text=True, env=env, cwd=digits_workspace.root)
     assert done.returncode == 0, done.stderr[-3000:]
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
-    assert set(outcomes) == set(METHODS.names()) | {"rank_dependent"}
+    assert set(outcomes) == {"pretrain", "rank_dependent", *METHODS.names()}
+    assert outcomes.pop("pretrain") == "status 0" and (tmp_path / "pretrained.pt").is_file()
     refused = outcomes.pop("rank_dependent")
     assert refused.startswith("error: the ranks ended the method with different models or plans (ranks [1] differ")
     assert not (tmp_path / "rank_dependent" / "metrics.json").exists()

@@ -4,6 +4,8 @@
   GPU and gives the CPU run's results bit for bit (every metric but ``device``, the saved
   model): no operation met a tensor left on, or made on, the CPU, and nothing was lost on the
   way there and back (the plan check, the cost counter and the export work on CPU copies);
+  a run stopped after its first training checkpoint resumes from it on the GPU to the same
+  result;
 * the simulation is not vacuous: it refuses what a GPU refuses (a CPU operand in a GPU
   operation, ``.numpy()`` of a GPU tensor), keeps the Parameter objects a module had when it
   moves, and a run whose quantizers were never moved to the model's device fails with CUDA's
@@ -95,6 +97,34 @@ def test_every_builtin_method_on_the_simulated_gpu_gives_the_cpu_results(method:
     cpu_state, gpu_state = _saved_state(cpu), _saved_state(gpu)
     assert cpu_state.keys() == gpu_state.keys()
     assert all(type(t) is torch.Tensor and torch.equal(t, cpu_state[k]) for k, t in gpu_state.items())  # CPU tensors
+
+
+def test_a_run_stopped_on_the_simulated_gpu_resumes_to_the_cpu_result(digits_workspace: DigitsWorkspace,
+                                                                      tmp_path: Path) -> None:
+    """Stopped right after its first training checkpoint (GPU tensors and the CUDA RNG state in
+    it), a two-stage run resumes from that checkpoint on the GPU and ends with the CPU run's result."""
+    import jpqbench.train
+
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    method = "prune_then_quantize"
+    assert main(_argv(_config(digits_workspace, tmp_path, "cpu", experiment="cpu"), digits_workspace, method, cpu)) == 0
+    argv = _argv(_config(digits_workspace, tmp_path, "cuda", experiment="gpu"), digits_workspace, method, gpu)
+    save = jpqbench.train.atomic.torch_save
+
+    def save_then_stop(state: dict, path: Path) -> None:
+        save(state, path)
+        raise KeyboardInterrupt
+
+    with simulated_gpu():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(jpqbench.train.atomic, "torch_save", save_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                main(argv)
+        assert (gpu / ".work" / "prune.pt").is_file() and not (gpu / "metrics.json").exists()
+        assert main(argv) == 0
+    on_cpu, on_gpu = (json.loads((out / "metrics.json").read_text()) for out in (cpu, gpu))
+    assert {k: v for k, v in _stable(on_gpu).items() if k != "device"} == \
+        {k: v for k, v in _stable(on_cpu).items() if k != "device"}
 
 
 def test_pretraining_on_the_simulated_gpu_gives_the_cpu_checkpoint(digits_workspace: DigitsWorkspace,
