@@ -54,6 +54,8 @@ def test_the_simulated_gpu_refuses_what_a_gpu_refuses() -> None:
         with pytest.raises(RuntimeError, match=MISMATCH):
             layer(torch.randn(5, 4))  # a batch left on the CPU
         with pytest.raises(RuntimeError, match=MISMATCH):
+            torch.nn.Linear(4, 3)(x)  # a module left on the CPU
+        with pytest.raises(RuntimeError, match=MISMATCH):
             x * torch.ones(4)  # a tensor made on the CPU
         assert torch.equal((x * torch.tensor(2.0)).cpu(), x.cpu() * 2)  # a CPU scalar is allowed, as on a GPU
         assert torch.equal(x[torch.tensor([0, 2])].cpu(), x.cpu()[[0, 2]])  # so are CPU indices
