@@ -68,7 +68,8 @@ from jpqbench import atomic
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
 from jpqbench.data import DataBundle, file_sha256
-from jpqbench.distributed import agree, check_launch, check_ranks_agree, describe_device, is_main_process, resolve_device, use_device, world_size
+from jpqbench.distributed import (agree, check_launch, check_ranks_agree, describe_device, is_main_process,
+                                  resolve_device, use_device, world_size)
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate, recalibrate_batchnorm
 from jpqbench.export import ARTIFACT_NAME, export_run

@@ -117,8 +117,15 @@ def _is_gpu(device: Any) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
-_GETTERS = {torch.Tensor.device.__get__: lambda t: GPU, torch.Tensor.is_cuda.__get__: lambda t: True,
-            torch.Tensor.get_device: lambda t: 0, torch.Tensor.tolist: lambda t: t.elem.tolist()}
+def _refuse_numpy(tensor: OnGPU) -> None:
+    raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                    "to host memory first. (simulated GPU)")
+
+
+# What Python asks of a GPU tensor outside torch's operators, answered as a GPU would.
+_AS_ON_A_GPU = {torch.Tensor.device.__get__: lambda t: GPU, torch.Tensor.is_cuda.__get__: lambda t: True,
+                torch.Tensor.get_device: lambda t: 0, torch.Tensor.tolist: lambda t: t.elem.tolist(),
+                torch.Tensor.numpy: _refuse_numpy}
 
 
 class _Placement(TorchFunctionMode):
@@ -128,12 +135,8 @@ class _Placement(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 -- torch's protocol
         kwargs = kwargs or {}
         subject = args[0] if args else None
-        on_gpu = isinstance(subject, OnGPU)
-        if on_gpu and func in _GETTERS:
-            return _GETTERS[func](subject)
-        if on_gpu and func is torch.Tensor.numpy:
-            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
-                            "to host memory first. (simulated GPU)")
+        if isinstance(subject, OnGPU) and func in _AS_ON_A_GPU:
+            return _AS_ON_A_GPU[func](subject)
         if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu) and isinstance(subject, torch.Tensor):
             return _mark_host(self._move(func, subject, args[1:], kwargs))
         if _is_gpu(kwargs.get("device")):  # a factory asked for the GPU
