@@ -46,14 +46,13 @@ the sparse-aware figures are separate fields, never mixed into those:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from jpqbench.layers import observe_inputs
+from jpqbench.layers import cpu_copy, observe_inputs
 from jpqbench.plan import CompressionPlan, LayerPlan, _quantized_input
 from jpqbench.quant import FLOAT_BITS
 
@@ -126,7 +125,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 def _probe(model: nn.Module, input_shape: tuple[int, ...], plan: CompressionPlan | None
            ) -> tuple[dict[str, LayerShape], dict[str, torch.Tensor]]:
     """Shapes of every conv/linear, and which of its input channels are alive under ``plan``."""
-    probe = copy.deepcopy(model).cpu().eval()  # counted on the CPU, wherever the run trains
+    probe = cpu_copy(model).eval()  # counted on the CPU, wherever the run trains
     layers = _layers(probe)
     shapes: dict[str, LayerShape] = {}
     alive: dict[str, torch.Tensor] = {}

@@ -35,7 +35,6 @@ Methods select it by name (``cwmpq[cost_model=my_npu]``).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable, Sequence
 
@@ -44,6 +43,7 @@ from torch import nn
 
 from jpqbench.cost import LayerShape
 from jpqbench.errors import UserError
+from jpqbench.layers import cpu_copy
 from jpqbench.registry import COST_MODELS, PROJECT_ROOT, _load_file
 
 COST_MODELS_DIR = PROJECT_ROOT / "cost_models"
@@ -146,7 +146,7 @@ def get_cost_model(name: str) -> CostModel:
 @torch.no_grad()
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerShape]:
     """The shape of every conv/linear layer on one input, with the cost counter's conventions."""
-    probe = copy.deepcopy(model).cpu().eval()
+    probe = cpu_copy(model).eval()
     shapes: dict[str, LayerShape] = {}
 
     def hook(name: str):

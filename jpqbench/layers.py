@@ -22,6 +22,7 @@ their own modules as ``weight_quantizer`` / ``input_quantizer``; such a module m
 """
 from __future__ import annotations
 
+import copy
 from itertools import chain
 from typing import Callable, Iterable
 
@@ -108,6 +109,20 @@ def module_device(module: nn.Module) -> torch.device:
     """
     tensor = next(chain(module.parameters(), module.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` on the CPU, for the work that does not depend on the device
+    (cost probes, dependency tracing, plan tables).
+
+    Parameters and buffers are copied straight to the CPU, so a model on a GPU is never
+    duplicated on it first; gradients are not copied.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in chain(model.parameters(), model.buffers()):
+        copied = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = nn.Parameter(copied, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copied
+    return copy.deepcopy(model, memo)
 
 
 def _mask_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:

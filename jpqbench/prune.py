@@ -16,7 +16,6 @@ the graph, which makes the budget bisection in :func:`prune_to_budget` cheap.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
+from jpqbench.layers import compressible_layers, cpu_copy, make_compressible, mask_batchnorm
 
 ChannelMasks = dict[str, list[int]]  # module name -> pruned output-channel indices
 
@@ -51,7 +50,7 @@ class ChannelGroups:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         # Work on a CPU copy: tracing runs a forward pass, which must not initialise quantizers,
         # and the ranking is then the same whatever device the model trains on.
-        self._model = copy.deepcopy(model).cpu().eval()
+        self._model = cpu_copy(model).eval()
         self._names = {id(m): name for name, m in self._model.named_modules()}
         head = dict(self._model.named_modules())[classifier_name(self._model)]
         self._graph = tp.DependencyGraph().build_dependency(self._model, torch.ones(1, *input_shape))

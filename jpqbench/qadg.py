@@ -23,14 +23,13 @@ instead of with the angle-based step (:mod:`jpqbench.qasso`).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from jpqbench.layers import compressible_layers
+from jpqbench.layers import compressible_layers, cpu_copy
 from jpqbench.prune import classifier_name
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -56,7 +55,7 @@ class PruningGroup:
 
 def _strip_quantizers(model: nn.Module) -> nn.Module:
     """A copy whose compressible layers have identity quantizers (the folded QADG nodes)."""
-    stripped = copy.deepcopy(model).cpu().eval()
+    stripped = cpu_copy(model).eval()
     for layer in compressible_layers(stripped).values():
         layer.weight_quantizer = nn.Identity()
         layer.input_quantizer = nn.Identity()

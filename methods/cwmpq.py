@@ -16,7 +16,6 @@ eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -30,8 +29,8 @@ from torch.utils.hooks import RemovableHandle
 
 from jpqbench.errors import UserError
 from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_shapes
-from jpqbench.layers import (batchnorm_affine, compressible_layers, make_compressible, mask_batchnorm, module_device,
-                             observe_inputs)
+from jpqbench.layers import (batchnorm_affine, compressible_layers, cpu_copy, make_compressible, mask_batchnorm,
+                             module_device, observe_inputs)
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
 from jpqbench.prune import classifier_name
@@ -209,7 +208,7 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[_G
     module (more than one after a flatten). Traced on a CPU copy: the groups (CPU tensors) do not
     depend on the model's device.
     """
-    probe = copy.deepcopy(model).cpu().eval()
+    probe = cpu_copy(model).eval()
     names = {id(m): name for name, m in probe.named_modules()}
     head = probe.get_submodule(classifier_name(probe))
     graph = tp.DependencyGraph().build_dependency(probe, torch.ones(1, *input_shape))

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from jpqbench.layers import compressible_layers, make_compressible, module_device
+from jpqbench.layers import compressible_layers, cpu_copy, make_compressible, module_device
 from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_learned_quantizers
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import plan_from_model
@@ -78,7 +78,7 @@ def trace_links(model: nn.Module, input_shape: tuple[int, ...], chunk: int = 256
     and depthwise convs (see :class:`SoftCost`) fall out of the same probe. The probe runs on a
     CPU copy of ``model``, so the table (CPU tensors) does not depend on the model's device.
     """
-    model = copy.deepcopy(model).cpu()
+    model = cpu_copy(model)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 

@@ -5,7 +5,6 @@ Training and Compression", CVPR 2025 (arXiv 2502.16638); code microsoft/geta.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Literal
 
@@ -15,6 +14,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from jpqbench.errors import UserError
+from jpqbench.layers import cpu_copy
 from jpqbench.learned_quant import calibrate_inputs, install_learned_quantizers, layer_bits
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import CompressionPlan, plan_from_model, with_pruned, with_uniform_bits
@@ -102,7 +102,7 @@ class Geta(Method):
         activations = hp.mode == "weight_activation"
         # costs depend on shapes and the plan only: count them on a plain CPU copy, which is cheaper
         # to copy (no quantizers, hooks or gradients) in the counter's probe, whatever the model's device
-        skeleton = copy.deepcopy(model).cpu()
+        skeleton = cpu_copy(model)
         install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
                                    init_bits=16, weight_ste_clip=hp.weight_ste_clip)
         if activations:

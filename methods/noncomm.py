@@ -5,7 +5,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
