@@ -120,8 +120,8 @@ def seed_args(seeds):
 
 
 def hparams_of(wildcards):
-    """The method's resolved hyperparameters: a param, so changing them re-runs the job."""
-    return make_method(wildcards.method, cfg.method_params).hp.model_dump()
+    """The method's resolved hyperparameters for the job's (dataset, model): a param, so changing them re-runs the job."""
+    return make_method(wildcards.method, cfg.method_params_of(wildcards.dataset, wildcards.model)).hp.model_dump()
 
 
 # Tiny bookkeeping jobs run where snakemake runs, never through a cluster queue.

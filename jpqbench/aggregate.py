@@ -75,6 +75,15 @@ EXPORT_COLUMNS: dict[str, str] = {
     "latency_pruned_b32_min_ms": "Float64",
     "export_time_s": "Float64",
 }
+# What a method reports about its own result beyond the plan (jpqbench.runner; metrics.json keys of
+# the same names), typed after the export's figures. Empty for a method that does not project onto
+# its budget / whose paper ran this operating point, and in runs recorded before these keys existed.
+METHOD_COLUMNS: dict[str, str] = {
+    "searched_relative_bops": "Float64",  # the search's own result, before the projection onto the budget
+    "searched_relative_size": "Float64",
+    "outside_paper_regime": "string",  # why this operating point is one the method's paper never ran
+}
+OPTIONAL_COLUMNS = {**EXPORT_COLUMNS, **METHOD_COLUMNS}
 RUN_DIR_COLUMN = "run_dir"  # added by aggregate: the run's folder relative to the runs root
 # The outcomes of a finished run (jpqbench.runner): "diverged" runs have a metrics.json with
 # the reason (key "error") and no figures; they are listed in the summary, never averaged.
@@ -120,9 +129,9 @@ def _read_metrics(path: Path, runs_root: Path) -> dict:
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Schema columns first, in schema order and dtypes, then the export columns; any further figures after them."""
-    typed = {**COLUMNS, **EXPORT_COLUMNS}
-    frame = frame.reindex(columns=[*frame.columns, *(column for column in EXPORT_COLUMNS if column not in frame)])
+    """Schema columns first, in schema order and dtypes, then the export's and the method's; any further figures after them."""
+    typed = {**COLUMNS, **OPTIONAL_COLUMNS}
+    frame = frame.reindex(columns=[*frame.columns, *(column for column in OPTIONAL_COLUMNS if column not in frame)])
     extra = [column for column in frame.columns if column not in typed]
     return frame[[*typed, *extra]].astype(typed)
 
@@ -155,4 +164,4 @@ def aggregate(runs_root: Path, out_csv: Path, config: BenchConfig | None = None)
 
 def read_summary(summary_csv: Path) -> pd.DataFrame:
     """Read a summary written by :func:`aggregate` back with its dtypes (a CSV does not keep them)."""
-    return pd.read_csv(summary_csv, dtype={**COLUMNS, **EXPORT_COLUMNS})
+    return pd.read_csv(summary_csv, dtype={**COLUMNS, **OPTIONAL_COLUMNS})

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jpqbench.errors import UserError
 
 BudgetMetric = Literal["bops", "size"]
+MethodParams = dict[str, dict[str, Any]]
+"""Hyperparameters per method name, e.g. ``{"ajpq": {"episodes": 600}}``."""
 
 
 class _Strict(BaseModel):
@@ -51,12 +53,19 @@ class DatasetGrid(Recipe):
 
     ``models`` maps each model zoo name to the recipe keys that differ for that model (``{}``
     for none), so CIFAR-10's ResNet-8, ResNet-20 and VGG7 share one block and differ where
-    their papers differ.
+    their papers differ. A model's entry may also hold ``method_params``: method
+    hyperparameters for that model only (merged over the dataset's and the grid's).
+
+    ``method_params`` here: method hyperparameters for this dataset's runs, merged key by key
+    over the grid's ``method_params`` -- a setting that depends on the input size or the
+    dataset's size (a regulariser's strength, a search's reward subset) is set where it applies.
     """
 
     models: dict[str, dict[str, Any] | None] = Field(min_length=1)
     seeds: list[int] | None = Field(None, min_length=1, description="this dataset's seeds (default: the grid's)")
     budgets: list[float] | None = Field(None, min_length=1, description="this dataset's budgets (default: the grid's)")
+    method_params: MethodParams = Field(default_factory=dict, description="method hyperparameters for this "
+                                                                          "dataset, over the grid's")
 
     @field_validator("budgets")
     @classmethod
@@ -69,13 +78,18 @@ class DatasetGrid(Recipe):
     def _overrides_are_recipes(self) -> "DatasetGrid":
         for model in self.models:
             self.recipe(model)
+            params = (self.models[model] or {}).get("method_params", {})
+            if not isinstance(params, dict) or not all(isinstance(value, dict) for value in params.values()):
+                raise ValueError(f"models.{model}.method_params: must map method names to hyperparameter "
+                                 "mappings, e.g. {djpq: {kl_weight: 1.0e-5}}")
         return self
 
     def recipe(self, model: str) -> TrainRecipe:
         """The shared recipe with ``model``'s overrides applied."""
-        shared = self.model_dump(exclude={"models", "seeds", "budgets"})
+        shared = self.model_dump(exclude={"models", "seeds", "budgets", "method_params"})
+        overrides = {key: value for key, value in (self.models[model] or {}).items() if key != "method_params"}
         try:
-            return TrainRecipe(**{**shared, **(self.models[model] or {}), "model": model})
+            return TrainRecipe(**{**shared, **overrides, "model": model})
         except ValidationError as error:
             problems = "; ".join(f"models.{model}.{'.'.join(map(str, item['loc']))}: "
                                  + ("unknown key" if item["type"] == "extra_forbidden" else item["msg"])
@@ -96,7 +110,9 @@ class BenchConfig(_Strict):
     budgets: list[float] = Field(min_length=1)
     methods: list[str] = Field(min_length=1)
     datasets: dict[str, DatasetGrid] = Field(min_length=1)
-    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    method_params: MethodParams = Field(default_factory=dict, description="method hyperparameters for every "
+                                                                          "dataset (a dataset's or model's own "
+                                                                          "method_params win, key by key)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where runs train and evaluate: auto = CUDA "
                                                                       "when torch sees a GPU, else the CPU; under "
                                                                       "torchrun each process uses cuda:<LOCAL_RANK>")
@@ -133,6 +149,26 @@ class BenchConfig(_Strict):
             raise UserError(f"model {model!r} is not configured for dataset {dataset!r}",
                             f"use one of: {', '.join(models)}, or add it under datasets.{dataset}.models")
         return self.datasets[dataset].recipe(model)
+
+    def method_params_of(self, dataset: str, model: str) -> MethodParams:
+        """The method hyperparameters of (dataset, model): the grid's, then the dataset's, then
+        the model's, merged key by key per method (the most specific wins)."""
+        entry = self.datasets[dataset]
+        levels = (self.method_params, entry.method_params, (entry.models[model] or {}).get("method_params", {}))
+        merged: MethodParams = {}
+        for level in levels:
+            for method, params in level.items():
+                merged[method] = {**merged.get(method, {}), **params}
+        return merged
+
+    def method_params_sources(self) -> list[tuple[str, MethodParams]]:
+        """Every ``method_params`` block of the config with the key path it sits at (for error messages)."""
+        sources = [("method_params", self.method_params)]
+        for dataset, entry in self.datasets.items():
+            sources.append((f"datasets.{dataset}.method_params", entry.method_params))
+            sources += [(f"datasets.{dataset}.models.{model}.method_params", (overrides or {}).get("method_params", {}))
+                        for model, overrides in entry.models.items()]
+        return sources
 
     @field_validator("budgets")
     @classmethod
@@ -172,15 +208,19 @@ def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchCo
         raise UserError(_format_errors(error, source),
                         "correct the keys above; the schema is jpqbench/config.py (BenchConfig)") from None
     names = {parse_method_spec(spec)[0] for spec in config.methods}
-    for method in config.method_params:
-        if method not in names:
-            raise UserError(f"invalid config {source}: method_params.{method} names a method not in `methods`",
-                            f"add {method!r} to `methods` or remove its parameters")
-    for spec in config.methods:
-        make_method(spec, config.method_params)  # unknown name or bad hyperparameter: an error here
+    for where, params in config.method_params_sources():
+        for method in params:
+            if method not in names:
+                raise UserError(f"invalid config {source}: {where}.{method} names a method not in `methods`",
+                                f"add {method!r} to `methods` or remove its parameters")
     for dataset, model in config.benchmarks():
         DATASETS.get(dataset)
         MODELS.get(model)
+        for spec in config.methods:  # unknown name or bad hyperparameter, for any benchmark: an error here
+            try:
+                make_method(spec, config.method_params_of(dataset, model))
+            except UserError as error:
+                raise UserError(f"invalid config {source}: {dataset}/{model}: {error.problem}", error.fix) from None
     return config
 
 

@@ -64,8 +64,18 @@ class Budget:
 
 @dataclass
 class Compressed:
+    """A method's result: the compressed model and its plan.
+
+    ``searched``: for a method whose search ends in a projection onto the budget (a greedy
+    fit, a budget wall applied after the search), the plan the search itself reached, before
+    any projection. The harness counts it with the same counter as ``plan`` and reports it as
+    ``searched_relative_bops`` / ``searched_relative_size``, so a reader sees how much of the
+    result the projection, not the search, decided. ``None`` for methods that do not project.
+    """
+
     model: nn.Module
     plan: CompressionPlan
+    searched: CompressionPlan | None = None
 
 
 @dataclass

@@ -9,7 +9,9 @@ A compression run:
 4. evaluates on the test split **once** on the run's device; then, on the CPU, checks the
    returned plan against the model (:func:`jpqbench.plan.verify_plan`), counts the cost with
    the one counter, exports the real artifact ``model.jpq`` and measures it
-   (:mod:`jpqbench.export`), and writes ``plan.json``, ``model.pt``, ``model.jpq`` and finally
+   (:mod:`jpqbench.export`), and writes ``plan.json`` (and, for a method that projects its
+   search's result onto the budget, ``searched_plan.json``: the plan before the projection,
+   counted into ``searched_relative_bops``/``_size``), ``model.pt``, ``model.jpq`` and finally
    ``metrics.json`` -- each atomically, so an interrupted run never leaves a file that
    Snakemake would take as done;
 5. mirrors everything into one MLflow run (the plan and the validated config as artifacts).
@@ -79,6 +81,8 @@ from jpqbench.plan import verify_plan
 from jpqbench.registry import DATASETS, MODELS
 from jpqbench.tracking import Tracker, abandon_run, git_commit, tracked_run
 from jpqbench.train import TrainSpec, fit
+
+SEARCHED_PLAN = "searched_plan.json"  # a projecting method's plan before the projection (see Compressed)
 
 
 def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -315,7 +319,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
     wall_start = time.perf_counter()
     seed_everything(request.seed, data.device)
     model = load_checkpoint(request.checkpoint, recipe, data).to(data.device)
-    method = make_method(request.method, config.method_params)
+    method = make_method(request.method, config.method_params_of(request.dataset, recipe.model))
     out, work = request.out, request.out / ".work"
     epochs = request.epochs or recipe.epochs
     budget = request.budget
@@ -369,6 +373,8 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         batch = next(iter(ctx.calibration_batches(1))).cpu()  # training inputs: the plan check, the export's tables
         verify_plan(compressed.plan, compressed.model, batch)
         cost = ctx.cost(compressed.model, compressed.plan)
+        # what the method's search reached before its projection onto the budget, same counter
+        searched = ctx.cost(compressed.model, compressed.searched) if compressed.searched else None
         # the real artifact: physically pruned, bit-packed, loaded back and measured (jpqbench/export)
         exported, artifact_bits = export_run(
             compressed.model, compressed.plan, model_name=recipe.model, data=data,
@@ -385,6 +391,10 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             **cost.to_dict(),
             **exported,
             "achieved": achieved, "target_met": None if budget is None else bool(achieved <= budget.target * 1.10),
+            "searched_relative_bops": searched.relative_bops if searched else None,
+            "searched_relative_size": searched.relative_size if searched else None,
+            # set by a method when this operating point is one its paper never ran (the report flags it)
+            "outside_paper_regime": compressed.plan.notes.get("outside_paper_regime"),
             "compute_time_s": sum(r.compute_s for r in ctx.train_results),
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
             "search_time_s": ctx.search_s,
@@ -429,12 +439,18 @@ def run_or_record_divergence(config: BenchConfig, request: RunRequest,
 
 def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[str, Any], wall_start: float,
                    out: Path, work: Path, tracker: Tracker) -> None:
-    """plan.json and model.pt, then metrics.json last (its presence marks a finished run); each
-    written atomically. The plan and config also go to MLflow as artifacts."""
+    """plan.json (and searched_plan.json, for a method that projects onto its budget) and model.pt,
+    then metrics.json last (its presence marks a finished run); each written atomically. The plans
+    and config also go to MLflow as artifacts."""
     out.mkdir(parents=True, exist_ok=True)
     compressed.plan.save(work / "plan.json")
     (work / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     tracker.log_artifact(work / "plan.json")
+    (out / SEARCHED_PLAN).unlink(missing_ok=True)
+    if compressed.searched is not None:  # the plan behind searched_relative_*, so that figure can be recounted
+        compressed.searched.save(work / SEARCHED_PLAN)
+        tracker.log_artifact(work / SEARCHED_PLAN)
+        os.replace(work / SEARCHED_PLAN, out / SEARCHED_PLAN)
     tracker.log_artifact(work / "config.yaml")
     tracker.log_artifact(work / ARTIFACT_NAME)
     os.replace(work / ARTIFACT_NAME, out / ARTIFACT_NAME)
@@ -443,5 +459,7 @@ def _write_outputs(config: BenchConfig, compressed: Compressed, metrics: dict[st
     metrics["wall_time_s"] = time.perf_counter() - wall_start
     tracker.log_metrics({k: float(v) for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, metrics["epochs"])
-    tracker.set_tags({"target_met": metrics["target_met"], "status": "ok"})
+    tracker.set_tags({"target_met": metrics["target_met"], "status": "ok",
+                      **({"outside_paper_regime": metrics["outside_paper_regime"]}
+                         if metrics["outside_paper_regime"] else {})})
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=1))

@@ -184,6 +184,38 @@ def test_method_params_for_method_not_in_grid_is_refused() -> None:
         validate_config(_raw(method_params={"qat": {"calibration_batches": 2}}))
 
 
+def test_method_params_merge_grid_then_dataset_then_model_key_by_key() -> None:
+    raw = _raw(methods=["fp32", "prune_then_quantize"],
+               method_params={"prune_then_quantize": {"bits": 6, "prune_fraction": 0.3}})
+    digits = raw["datasets"]["digits"]
+    digits["method_params"] = {"prune_then_quantize": {"bits": 4}}
+    digits["models"] = {"digits_cnn": {}, "resnet8": {"lr": 0.2, "method_params": {"prune_then_quantize":
+                                                                                     {"prune_fraction": 0.6}}}}
+    config = validate_config(raw)
+    assert config.method_params_of("digits", "digits_cnn") == {"prune_then_quantize": {"bits": 4, "prune_fraction": 0.3}}
+    assert config.method_params_of("digits", "resnet8") == {"prune_then_quantize": {"bits": 4, "prune_fraction": 0.6}}
+    assert config.recipe("digits", "resnet8").lr == 0.2  # method_params is not a recipe key
+
+
+@pytest.mark.parametrize("where", ["dataset", "model"])
+def test_dataset_and_model_method_params_are_validated(where: str) -> None:
+    def placed(params: dict) -> dict:
+        raw = _raw()
+        if where == "dataset":
+            raw["datasets"]["digits"]["method_params"] = params
+        else:
+            raw["datasets"]["digits"]["models"]["digits_cnn"] = {"method_params": params}
+        return raw
+
+    prefix = "datasets.digits" + (".models.digits_cnn" if where == "model" else "")
+    with pytest.raises(UserError, match=re.escape(f"{prefix}.method_params.qat names a method not in `methods`")):
+        validate_config(placed({"qat": {"calibration_batches": 2}}))
+    with pytest.raises(UserError, match=r"digits/digits_cnn: invalid hyperparameters for method 'ptq'"):
+        validate_config(placed({"ptq": {"calibration_batchez": 2}}))
+    with pytest.raises(UserError, match=r"digits/digits_cnn: invalid hyperparameters for method 'ptq'"):
+        validate_config(placed({"ptq": {"calibration_batches": "many"}}))
+
+
 def test_out_of_range_recipe_values_are_named() -> None:
     raw = _raw()
     raw["datasets"]["digits"]["epochs"] = 0

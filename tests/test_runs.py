@@ -27,6 +27,8 @@ RUN_NAME = "digits/digits_cnn/prune_then_quantize/bops-0.05/s0"
 # what may differ between two runs of the same seed: timings and bookkeeping (the commit can move
 # while the test session runs), never a result
 VOLATILE = {"mlflow_run_id", "git_commit"}
+# the methods whose search ends in a projection onto the budget (they save searched_plan.json)
+PROJECTING = {"cwmpq", "djpq"}
 
 
 def _argv(ws: DigitsWorkspace, method: str, out: Path, config: Path | None = None, epochs: int = EPOCHS) -> list[str]:
@@ -96,6 +98,38 @@ def test_every_method_meets_its_budget_with_an_honest_plan(runs: dict[str, Path]
         assert report.relative_bops == pytest.approx(metrics["relative_bops"], rel=1e-12)
         assert report.weight_bits == pytest.approx(metrics["weight_bits"], rel=1e-12)
         verify_plan(plan, saved["model"], batch)
+        # a method that projects its search onto the budget shows what the search itself reached,
+        # counted by the same counter from the plan it saved
+        searched = out / "searched_plan.json"
+        assert searched.is_file() == (method in PROJECTING), method
+        if method in PROJECTING:
+            recount = count(saved["model"], data.input_shape, CompressionPlan.load(searched))
+            assert metrics["searched_relative_bops"] == pytest.approx(recount.relative_bops, rel=1e-12)
+            assert metrics["searched_relative_size"] == pytest.approx(recount.relative_size, rel=1e-12)
+        else:
+            assert metrics["searched_relative_bops"] is None and metrics["searched_relative_size"] is None
+
+
+def test_a_dataset_and_model_method_params_reach_the_run_and_its_record(digits_workspace: DigitsWorkspace,
+                                                                        tmp_path: Path) -> None:
+    """datasets.<d>.method_params and datasets.<d>.models.<m>.method_params are what the run uses
+    (the model's wins) and what it records: its kept inputs and its MLflow params."""
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "config.yaml"
+    config.write_text(digits_workspace.config.read_text().replace(
+        "models: {digits_cnn: {}}",
+        "method_params: {prune_then_quantize: {bits: 6, prune_fraction: 0.2}}, "
+        "models: {digits_cnn: {method_params: {prune_then_quantize: {bits: 5}}}}").replace(
+        "methods: [fp32, ptq]", "methods: [fp32, prune_then_quantize]"))
+    out = tmp_path / "run"
+    assert main(_argv(digits_workspace, "prune_then_quantize", out, config=config)) == 0
+    recorded = json.loads((out / ".inputs.json").read_text())["hparams"]
+    assert (recorded["bits"], recorded["prune_fraction"]) == (5, 0.2)
+    plan = CompressionPlan.load(out / "plan.json")
+    assert {layer.w_bits for layer in plan.layers.values()} - {32} == {5}
+    params = MlflowClient(digits_workspace.tracking_uri).get_run(_metrics(out)["mlflow_run_id"]).data.params
+    assert (params["hp.bits"], params["hp.prune_fraction"]) == ("5", "0.2")
 
 
 def test_same_seed_same_result(runs: dict[str, Path], digits_workspace: DigitsWorkspace, tmp_path: Path) -> None:
