@@ -342,11 +342,15 @@ class BudgetWall:
 
 @dataclass
 class Episode:
+    """One finished episode: ``policy`` is what left the wall (counted, rewarded); ``searched`` is
+    the agents' own policy before the wall, so a reader can see how much the wall decided."""
+
     index: int
     reward: float
     relative_cost: float
     squeeze: float
     policy: Policy
+    searched: Policy
 
 
 class LayerControllerEnv(gym.Env):
@@ -429,8 +433,10 @@ class ChannelControllerEnv(gym.Env):
         state = self.space.channel_state(self._index, self._kept, self._actions)
         if self._index < self.space.n_layers:
             return state, 0.0, False, False, {}
-        policy, cost, squeeze = self.wall(self.space.joint(self._ratio_actions, self._actions))
-        episode = Episode(len(self.episodes), float(self.reward(policy)), cost, squeeze, policy)
+        joint = self.space.joint(self._ratio_actions, self._actions)
+        policy, cost, squeeze = self.wall(joint)
+        episode = Episode(len(self.episodes), float(self.reward(policy)), cost, squeeze, policy,
+                          searched=self.space.decode(joint))
         self.episodes.append(episode)
         if self.best is None or episode.reward > self.best.reward:
             self.best = episode

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler,
+                              Subset)
 
 from jpqbench.errors import UserError
 
@@ -117,10 +119,12 @@ class DataBundle:
     device: torch.device = torch.device("cpu")  # where loader() delivers batches: the run's device
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False,
-               generator: torch.Generator | None = None) -> DataLoader | _OnDevice:
+               generator: torch.Generator | None = None,
+               indices: Sequence[int] | None = None) -> DataLoader | _OnDevice:
         """A deterministic loader of (inputs, targets) batches on :attr:`device`: with ``shuffle``
         the order comes from ``generator`` only (a CPU generator, so the order is the same on
-        every device).
+        every device). ``indices`` restricts it to those samples of the split, served in that
+        order when not shuffled (a fixed subset, e.g. :func:`stratified_subset`).
 
         Under ``torch.distributed`` (a DDP run started by ``torchrun``) a shuffled loader gives
         each process its own shard of one permutation: every rank draws the permutation's seed
@@ -128,7 +132,8 @@ class DataBundle:
         the split (padded to equal length, as ``DistributedSampler`` does). Unshuffled loaders
         (evaluation) are not sharded: every process evaluates the whole split.
         """
-        dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
+        source = {"train": self.train, "val": self.val, "test": self.test}[split]
+        dataset = source if indices is None else Subset(source, list(indices))
         if shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             seed = int(torch.randint(2**62, (1,), generator=generator))
             sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
@@ -138,11 +143,47 @@ class DataBundle:
             sampler = SequentialSampler(dataset)
         batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
         on_gpu = self.device.type == "cuda"
-        if hasattr(dataset, "__getitems__"):
+        if hasattr(source, "__getitems__"):  # a Subset always has one; it batches only when its source does
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_identity, pin_memory=on_gpu)
         else:
             loader = DataLoader(dataset, batch_sampler=batches, pin_memory=on_gpu)
         return _OnDevice(loader, self.device) if self.device.type != "cpu" else loader
+
+
+def split_targets(dataset: Dataset) -> torch.Tensor:
+    """The class index of every sample of a split, in order.
+
+    Read from the split's ``targets`` (every shipped split has them), so no input is decoded;
+    a split without them is read sample by sample.
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return torch.as_tensor(targets, dtype=torch.int64)
+
+
+def stratified_subset(targets: torch.Tensor, size: int, seed: int) -> list[int]:
+    """``size`` sample indices of a split with class indices ``targets``, in a shuffled order,
+    the same for the same ``seed``; every index, shuffled, when ``size`` >= the split's length.
+
+    Stratified because splits may be stored class by class (ImageNet's and Tiny ImageNet's val
+    follow the class-sorted file list; Speech Commands puts its keyword clips first), so a
+    prefix of the split holds a few classes only. With ``size`` >= the number of classes every
+    class gets one sample and the rest is shared in proportion to the class sizes (largest
+    remainders, ties broken at random); below that, classes are drawn in proportion.
+    """
+    labels = targets.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    if size >= len(labels):
+        return rng.permutation(len(labels)).tolist()
+    classes, counts = np.unique(labels, return_counts=True)
+    floor = np.ones_like(counts) if size >= len(classes) else np.zeros_like(counts)
+    exact = (counts - floor) * (size - floor.sum()) / (len(labels) - floor.sum())
+    quota = floor + np.floor(exact).astype(int)
+    by_remainder = np.lexsort((rng.random(len(classes)), -(exact - np.floor(exact))))
+    quota[by_remainder[:size - quota.sum()]] += 1
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)])
+    return rng.permutation(chosen).tolist()
 
 
 def file_sha256(path: Path) -> str:

@@ -5,12 +5,14 @@ the search, and a CLI run reaches its budget."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import truncnorm
 from torch.utils.data import Dataset
 
 from conftest import DigitsWorkspace
@@ -19,7 +21,7 @@ from jpqbench.ajpq_env import (A_BITS, CHANNEL_ACTIONS, RATIO, W_LEVEL, W_SPREAD
 from jpqbench.cli import main
 from jpqbench.config import TrainRecipe
 from jpqbench.cost import count
-from jpqbench.data import DataBundle, TensorSplit
+from jpqbench.data import DataBundle, TensorSplit, stratified_subset
 from jpqbench.errors import UserError
 from jpqbench.layers import compressible_layers
 from jpqbench.methods_api import Budget, RunContext, make_method
@@ -243,8 +245,8 @@ def _random_bundle() -> _SpyBundle:
                       default_model="digits_cnn")
 
 
-SMALL = {"episodes": 3, "warmup_episodes": 1, "reward_finetune_steps": 2, "eval_batches": 2, "calibration_batches": 2,
-         "reward_calibration_batches": 1}
+SMALL = {"episodes": 3, "warmup_episodes": 1, "reward_train_samples": 32, "reward_val_samples": 32,
+         "calibration_batches": 2, "reward_calibration_batches": 1}
 
 
 def test_reward_reads_only_the_training_set_and_the_run_spends_its_epochs(tmp_path: Path) -> None:
@@ -262,6 +264,11 @@ def test_reward_reads_only_the_training_set_and_the_run_spends_its_epochs(tmp_pa
     assert compressed.plan.notes["best_reward"] == max(r for _, r in rewards)
     search_cost = next(m for m, _ in logged if "search/wall_s" in m)
     assert search_cost["search/episodes"] == 3 and search_cost["search/evaluations"] == 4  # + the FP32 baseline
+    # the agents' own policy, before the wall, is what the harness reports as searched; the wall's
+    # squeeze of it is the result
+    assert compressed.searched is not None and set(compressed.searched.layers) == set(compressed.plan.layers)
+    ctx.cost(compressed.model, compressed.searched)  # the harness counts it on the compressed model
+    assert "outside_paper_regime" not in compressed.plan.notes  # 0.05 of FP32 BOPs: within the lineage's range
 
 
 def test_same_seed_same_search(tmp_path: Path) -> None:
@@ -320,7 +327,7 @@ def test_cli_run_with_a_few_episodes_reaches_its_budget(digits_workspace: Digits
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "ajpq"
-    spec = "ajpq[episodes=4,warmup_episodes=2,reward_finetune_steps=2]"
+    spec = "ajpq[episodes=4,warmup_episodes=2,reward_train_samples=128,reward_val_samples=128]"
     assert main(["--config", str(digits_workspace.config), "run", "--method", spec, "--dataset", "digits",
                  "--seed", "0", "--epochs", "2", "--checkpoint", str(digits_workspace.checkpoint),
                  "--out", str(out), "--budget", "0.05"]) == 0
@@ -332,3 +339,144 @@ def test_cli_run_with_a_few_episodes_reaches_its_budget(digits_workspace: Digits
     assert any(layer.pruned for layer in plan.layers.values())  # pruning happened, as 0-bit channels
     history = MlflowClient(digits_workspace.tracking_uri).get_metric_history(metrics["mlflow_run_id"], "search/reward")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+# ---- the reward's data and HAQ's exploration ----------------------------------------------------
+
+def _ajpq_module():
+    """methods/ajpq.py as loaded by the registry (plugins are loaded by path, not importable by name)."""
+    return sys.modules[type(make_method("ajpq")).__module__]
+
+
+class _IdSplit(TensorSplit):
+    """A split whose samples carry a unique id (x 1e-3) in their first pixel; it records the ids it serves."""
+
+    def __init__(self, ids: torch.Tensor, targets: torch.Tensor) -> None:
+        inputs = torch.randn(len(ids), 1, 8, 8, generator=torch.Generator().manual_seed(int(ids[0])))
+        inputs[:, 0, 0, 0] = ids.float() / 1000
+        super().__init__(inputs, targets)
+        self.served: list[int] = []
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = super().__getitems__(indices)
+        self.served.extend((inputs[:, 0, 0, 0] * 1000).round().long().tolist())
+        return inputs, targets
+
+
+def _class_sorted_bundle() -> DataBundle:
+    """10 classes; val (ids 0..119) and train (ids 1000..1199) stored class by class, as ImageNet's val."""
+    val = _IdSplit(torch.arange(120), torch.arange(120) // 12)
+    train = _IdSplit(torch.arange(1000, 1200), torch.arange(200) // 20)
+    return DataBundle("sorted", train, val, _Forbidden(), num_classes=10, input_shape=(1, 8, 8),
+                      default_model="digits_cnn")
+
+
+def test_reward_subset_is_stratified_fixed_and_disjoint_from_its_finetune(tmp_path: Path) -> None:
+    """On a class-sorted val split (whose first batches hold classes 0-2 only) the reward reads every
+    class, the same samples in the same order in every episode and for every method instance with the
+    same seed, and never a sample its fine-tune trains on."""
+    params = {"ajpq": {"reward_val_samples": 30, "reward_train_samples": 40, "reward_finetune_epochs": 2,
+                       "reward_calibration_batches": 1}}
+    model, shape = _model("digits_cnn")
+    space = _space(model, shape)
+    rng = np.random.default_rng(0)
+    policies = [space.decode(rng.uniform(0, 1, (space.n_layers, 4))) for _ in range(3)]
+    reads = []
+    for instance in range(2):
+        data = _class_sorted_bundle()
+        reward = make_method("ajpq", params).reward(model, _context(tmp_path / str(instance), data))
+        assert data.train.served == []  # the FP32 baseline reads the val subset only
+        baseline, data.val.served = data.val.served, []
+        episodes = []
+        for policy in policies:
+            reward(policy)
+            episodes.append((data.val.served, data.train.served))
+            data.val.served, data.train.served = [], []
+        reads.append((baseline, episodes))
+        assert all(episode == episodes[0] for episode in episodes)  # every episode: the same samples, same order
+        assert baseline == episodes[0][0]
+        val_ids, train_ids = episodes[0]
+        val_classes = data.val.targets[val_ids]
+        assert sorted(val_ids) == sorted(set(val_ids)) and len(val_ids) == 30
+        assert torch.bincount(val_classes, minlength=10).tolist() == [3] * 10  # every class, in proportion
+        assert val_ids != sorted(val_ids)  # shuffled, not a class-sorted block
+        finetuned = set(train_ids)
+        assert len(finetuned) == 40 and len(train_ids) == 16 + 2 * 40  # a calibration batch, then two passes
+        assert torch.bincount(data.train.targets[[i - 1000 for i in finetuned]], minlength=10).tolist() == [4] * 10
+        assert not finetuned & set(val_ids)
+    assert reads[0] == reads[1]  # two method instances, one seed: the same subsets
+
+
+def test_stratified_subset_is_deterministic_proportional_and_covers_every_class() -> None:
+    # imbalanced, class-sorted: keywords first, then two small classes (Speech Commands' layout)
+    targets = torch.cat([torch.arange(10).repeat_interleave(100), torch.full((12,), 10), torch.full((12,), 11)])
+    subset = stratified_subset(targets, 240, seed=3)
+    assert subset == stratified_subset(targets, 240, seed=3) != stratified_subset(targets, 240, seed=4)
+    counts = torch.bincount(targets[subset], minlength=12)
+    share = torch.bincount(targets, minlength=12) / len(targets)
+    assert len(set(subset)) == 240 and counts.min() >= 1
+    assert (counts - 240 * share).abs().max() < 1.5  # in proportion, up to rounding and the one-per-class floor
+    assert subset != sorted(subset)  # shuffled
+    assert sorted(stratified_subset(targets, 10_000, seed=0)) == list(range(len(targets)))  # larger: the whole split
+
+
+def test_defaults_are_haqs() -> None:
+    hp = make_method("ajpq").hp
+    assert (hp.episodes, hp.warmup_episodes, hp.noise, hp.noise_decay) == (600, 20, 0.5, 0.99)
+    assert (hp.reward_val_samples, hp.reward_train_samples, hp.reward_finetune_epochs) == (10_000, 20_000, 1)
+    assert (hp.reward_calibration_batches, hp.hidden, hp.tau, hp.agent_batch_size) == (1, (300, 300), 0.01, 64)
+
+
+def test_exploration_follows_haqs_schedule_and_stays_inside_the_bounds() -> None:
+    """Random warm-up, then std 0.5 * 0.99**k in the k-th episode after it (HAQ's defaults); every
+    exploring action lies in [0, 1] and none sits on a bound (truncated, not clipped)."""
+    model, shape = _model("digits_cnn")
+    space = _space(model, shape)
+    method = make_method("ajpq", {"ajpq": {"episodes": 30, "hidden": (16,), "agent_batch_size": 8}})
+    wall = BudgetWall(space, lambda plan: 0.0, 0.05, fill=False)  # every policy passes: the raw actions stay
+    layer, channel = method.controllers(space, wall, lambda policy: 0.0, seed=0)
+    for episode in range(24):
+        expected = 0.0 if episode < 20 else 0.5 * 0.99 ** (episode - 20)
+        layer.run_episode()
+        channel.run_episode(options={"ratio_actions": layer.env.ratio_actions})
+        for controller in (layer, channel):
+            assert controller.noise.sigma == pytest.approx(expected, rel=1e-12)
+            actions = np.stack([action for _, action, _, _ in controller._trajectory])
+            assert ((actions > 0) & (actions < 1)).all()
+            controller.end_episode(0.0)
+    # around actions at and near the bounds: truncated-normal draws, none piled onto a bound
+    noise = _ajpq_module().TruncatedNormalNoise(0.5, 0.99, warmup_episodes=0, seed=0)
+    means = np.array([0.0, 0.02, 0.5, 0.98, 1.0])
+    draws = np.stack([noise(means) for _ in range(4000)])
+    assert ((draws > 0) & (draws < 1)).all()
+    a, b = -means / 0.5, (1 - means) / 0.5
+    assert np.allclose(draws.mean(0), truncnorm.mean(a, b, loc=means, scale=0.5), atol=0.02)
+    assert np.allclose(draws.std(0), truncnorm.std(a, b, loc=means, scale=0.5), atol=0.02)
+
+
+def test_searched_is_the_policy_before_the_wall() -> None:
+    """An episode's ``searched`` policy decodes the agents' raw actions; squeezing it by the episode's
+    squeeze gives the policy that left the wall."""
+    model, shape = _model("digits_cnn")
+    space = _space(model, shape)
+    wall = BudgetWall(space, lambda plan: count(model, shape, plan).relative("bops"), 0.02)
+    layer_env, channel_env = LayerControllerEnv(space), ChannelControllerEnv(space, wall, reward=lambda policy: 0.0)
+    rng = np.random.default_rng(0)
+    squeezes = set()
+    for _ in range(4):
+        layer_actions = rng.uniform(0, 1, (len(space.deciders), 1))
+        channel_actions = rng.uniform(0, 1, (space.n_layers, len(CHANNEL_ACTIONS)))
+        _walk(layer_env, layer_actions)
+        episode = _walk(channel_env, channel_actions, {"ratio_actions": layer_env.ratio_actions})["episode"]
+        raw = space.joint(layer_actions, channel_actions)
+        assert episode.searched.plan.to_dict() == space.decode(raw).plan.to_dict()
+        assert space.decode(space.squeeze(episode.searched.actions, episode.squeeze)).plan.to_dict() == \
+            episode.policy.plan.to_dict()
+        squeezes.add(episode.squeeze != 0)
+    assert True in squeezes  # the wall moved at least one of them
+
+
+def test_budgets_below_the_papers_lineage_are_flagged(tmp_path: Path) -> None:
+    compressed = make_method("ajpq", {"ajpq": SMALL}).compress(_model("digits_cnn")[0], Budget("bops", 0.01),
+                                                                _context(tmp_path, _random_bundle()))
+    assert "0.01" in compressed.plan.notes["outside_paper_regime"]

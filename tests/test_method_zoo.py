@@ -35,7 +35,7 @@ SLOW_MACS = 100e6
 # the search knobs of each method, turned down to a few steps (1 epoch of STEPS steps is the run)
 SMALL_HPARAMS: dict[str, dict] = {
     "ajpq": {"episodes": 2, "warmup_episodes": 1, "calibration_batches": 1, "reward_calibration_batches": 1,
-             "reward_finetune_steps": 1, "eval_batches": 1, "agent_batch_size": 4, "hidden": (16,)},
+             "reward_train_samples": 4, "reward_val_samples": 4, "agent_batch_size": 4, "hidden": (16,)},
     "cwmpq": {"calibration_batches": 1},
     "djpq": {"calibration_batches": 1},
     "geta": {"calibration_batches": 1, "projection_periods": 1, "pruning_periods": 1},
