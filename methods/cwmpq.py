@@ -4,8 +4,9 @@ Motetti, Risso, Burrello et al., "Joint pruning and channel-wise mixed-precision
 for efficient deep neural networks", IEEE TC 2024 (arXiv 2407.01054); upstream code in
 eml-eda/plinio (``methods/mps``) and eml-eda/mixprec-pruning. Read top to bottom:
 
-1. quantizers: symmetric per-channel min-max weights, PACT activations, and their
-   softmax-weighted mixtures over a precision set (0 bits = a zero weight = a pruned channel);
+1. quantizers: symmetric per-channel min-max weights, PACT activations (an unsigned grid after a
+   ReLU, a signed one where a layer input is negative), and their softmax-weighted mixtures over a
+   precision set (0 bits = a zero weight = a pruned channel);
 2. the search space: one logit vector per output channel of every dependency group
    (torch-pruning: residual partners and depthwise convs share it), one per layer input;
 3. the budget: a cost model from :mod:`jpqbench.hw_cost` as regulariser, its strength
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from jpqbench.hw_cost import CostModel, LayerCostInput, get_cost_model, layer_sh
 from jpqbench.layers import (batchnorm_affine, compressible_layers, cpu_copy, make_compressible, mask_batchnorm,
                              module_device, observe_inputs)
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
-from jpqbench.plan import plan_from_model
+from jpqbench.plan import CompressionPlan, plan_from_model
 from jpqbench.prune import classifier_name
 from jpqbench.quant import UniformQuantizer, round_ste
 from jpqbench.registry import register_method
@@ -56,34 +57,63 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(round_ste(weight / step), -levels, levels) * step
 
 
+ActivationGrid = Literal["unsigned", "signed", "narrow"]
+
+
+def activation_range(bits: int, grid: ActivationGrid) -> tuple[int, int]:
+    """The integer codes ``(q_min, q_max)`` of a ``bits``-bit activation grid.
+
+    * ``unsigned``: 0 .. 2^b - 1, PACT's grid for post-ReLU inputs;
+    * ``signed``: -2^(b-1) .. 2^(b-1) - 1, all 2^b codes of a two's-complement integer, for inputs
+      that are negative inside the network (MobileNetV2's linear bottlenecks) -- 4 levels at 2 bits,
+      as the unsigned grid and plinio's ``PACTActSigned`` have, where a narrow grid would be ternary;
+    * ``narrow``: -(2^(b-1) - 1) .. 2^(b-1) - 1, the symmetric grid of the network input (fixed at
+      ``input_bits``, where one code of 2^b hardly matters; kept so the embedded results stay as they were).
+
+    Every grid holds 0 exactly, so a pruned input channel stays exactly zero.
+    """
+    if grid == "unsigned":
+        return 0, 2 ** bits - 1
+    if grid == "signed":
+        return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+
+
 class _PACT(torch.autograd.Function):
     """PACT's forward and gradients: x passes where it is inside the clip range, the clip collects
-    the gradient of the clipped elements, rounding and the step are straight-through."""
+    the gradient of the clipped elements (each end scaled by its derivative in the clip), rounding
+    and the step are straight-through."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-        high = clip.detach().clamp_min(1e-3)
-        levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-        low = -high if signed else torch.zeros_like(high)
-        ctx.save_for_backward(x, low, high)
-        ctx.signed = signed
-        step = high / levels
-        return torch.round(torch.clamp(x, low, high) / step) * step
+    def forward(ctx, x: torch.Tensor, clip: torch.Tensor, q_min: int, q_max: int, zero: int) -> torch.Tensor:
+        top = max(q_max, -q_min)
+        c = clip.detach().clamp_min(1e-3)
+        ctx.save_for_backward(x, c * (q_min / top), c * (q_max / top))
+        ctx.ends = (q_min / top, q_max / top)
+        step = c / top
+        # UniformQuantizer's arithmetic, zero point included: the model returned with it (to_core_modules)
+        # computes exactly what this computed
+        return (torch.round(torch.clamp(x / step + zero, q_min + zero, q_max + zero)) - zero) * step
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, low, high = ctx.saved_tensors
         above, below = x >= high, x <= low
-        grad_clip = torch.where(above, grad, 0.0).sum()
-        if ctx.signed:
-            grad_clip = grad_clip - torch.where(below, grad, 0.0).sum()
-        return grad.masked_fill(above | below, 0.0), grad_clip.reshape(high.shape), None, None
+        low_end, high_end = ctx.ends
+        grad_clip = torch.where(above, grad, 0.0).sum() * high_end + torch.where(below, grad, 0.0).sum() * low_end
+        return grad.masked_fill(above | below, 0.0), grad_clip.reshape(high.shape), None, None, None
 
 
-def pact(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """PACT (Choi et al. 2018): clip to [0, clip] (or [-clip, clip] for a signed input), then round onto
-    2^b - 1 steps (2^(b-1) - 1 per side if signed); zero stays exactly zero."""
-    return _PACT.apply(x, clip, bits, signed)
+def uniform_mode(grid: ActivationGrid, q_min: int) -> tuple[Literal["symmetric", "asymmetric"], int]:
+    """The :class:`UniformQuantizer` mode that holds ``grid``, and its zero point (the code of 0)."""
+    return ("symmetric", 0) if grid == "narrow" else ("asymmetric", -q_min)
+
+
+def pact(x: torch.Tensor, clip: torch.Tensor, bits: int, grid: ActivationGrid) -> torch.Tensor:
+    """PACT (Choi et al. 2018) on a ``grid`` (:func:`activation_range`): the step is ``clip`` over the
+    grid's largest code magnitude, x is clipped to the grid's ends and rounded to the nearest code."""
+    q_min, q_max = activation_range(bits, grid)
+    return _PACT.apply(x, clip, q_min, q_max, uniform_mode(grid, q_min)[1])
 
 
 class PrecisionChoice(nn.Module):
@@ -145,17 +175,17 @@ class MixedPrecisionWeight(nn.Module):
 
 
 class MixedPrecisionActivation(nn.Module):
-    """``sum_q theta_q PACT_q(x)`` for a layer input, one learned clip per precision (init 6)."""
+    """``sum_q theta_q PACT_q(x)`` for a layer input on ``grid``, one learned clip per precision (init 6)."""
 
-    def __init__(self, choice: PrecisionChoice, signed: bool, clip_init: float) -> None:
+    def __init__(self, choice: PrecisionChoice, grid: ActivationGrid, clip_init: float) -> None:
         super().__init__()
         self.choice = choice
-        self.signed = signed
+        self.grid = grid
         self.clip = nn.Parameter(torch.full((len(choice.precisions),), float(clip_init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.choice.probs()[:, 0]
-        terms = [probs[index] * pact(x, self.clip[index], bits, self.signed)
+        terms = [probs[index] * pact(x, self.clip[index], bits, self.grid)
                  for index, bits in enumerate(self.choice.precisions) if probs.requires_grad or bool(probs[index])]
         return sum(terms[1:], terms[0])
 
@@ -235,6 +265,28 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[_G
     return groups
 
 
+def network_input_layers(model: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
+    """Conv/linear layers whose input is computed from the network input through no other conv/linear.
+
+    Found by autograd on a CPU copy: only the conv/linear weights require a gradient, so a layer's input
+    requires one exactly when some conv/linear lies upstream of it (padding, pooling or a BN before
+    the first layer do not count; a later layer that also reads the raw input directly would).
+    """
+    probe = cpu_copy(model).eval()
+    for parameter in probe.parameters():
+        parameter.requires_grad_(False)
+    layers = {n: m for n, m in probe.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)
+    fed: set[str] = set()
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(
+            lambda module, args, name=name: None if args[0].requires_grad else fed.add(name))
+    with torch.enable_grad():
+        probe(torch.zeros(1, *input_shape))
+    return fed
+
+
 def _slot_map(channels: int, idxs: list[int], slots: torch.Tensor) -> torch.Tensor:
     out = torch.full((channels,), -1, dtype=torch.long)
     out[idxs] = slots
@@ -247,6 +299,9 @@ class SearchSpace:
     Layers that produce the channels of one dependency group (residual partners, a depthwise conv
     and its producer) share one :class:`PrecisionChoice`, so they always agree on precision and
     pruning. Layers whose outputs are not prunable (the classifier) get a choice without 0 bits.
+    Every layer input chooses among ``a_precisions`` -- on the signed grid where it takes negative
+    values (``signed_inputs``), else on the unsigned one -- except the network input, fixed at
+    ``input_bits`` (:func:`network_input_layers`).
 
     Devices: the space is built on the CPU and moved onto the model's device in one go; the slot
     maps it keeps for the cost models stay on the CPU, where the cost models compute
@@ -254,8 +309,8 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], w_precisions: Sequence[int],
-                 a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float,
-                 signed_bits: Sequence[int] | None = None) -> None:
+                 a_precisions: Sequence[int], signed_inputs: set[str], clip_init: float, input_bits: int) -> None:
+        fixed = network_input_layers(model, input_shape)  # before the search modules are attached
         make_compressible(model)
         device = module_device(model)
         self.model = model
@@ -296,10 +351,12 @@ class SearchSpace:
             if bool((slot < 0).any()):
                 raise ValueError(f"layer {name}: output channels outside its dependency group")
             layer.weight_quantizer = MixedPrecisionWeight(self.w_choices[index], slot)
-        self.a_choices = [PrecisionChoice(signed_bits if name in signed_inputs and signed_bits else a_precisions, 1)
-                          for name in self.layers]
+        self.a_choices = [PrecisionChoice((input_bits,) if name in fixed else a_precisions, 1) for name in self.layers]
+        self.grids: dict[str, ActivationGrid] = {
+            name: ("narrow" if name in fixed else "signed") if name in signed_inputs else "unsigned"
+            for name in self.layers}
         for choice, (name, layer) in zip(self.a_choices, self.layers.items()):
-            layer.input_quantizer = MixedPrecisionActivation(choice, name in signed_inputs, clip_init)
+            layer.input_quantizer = MixedPrecisionActivation(choice, self.grids[name], clip_init)
         model.to(device)  # the choices, quantizers and gates just attached (parameters stay the same objects)
 
     def _gate(self, module: nn.Module, gate: ChannelGate, hook: Callable, name: str) -> None:
@@ -399,15 +456,21 @@ class SearchSpace:
         for layer in self.layers.values():
             layer.weight.copy_(layer.weight_quantizer(layer.weight))
             layer.weight_quantizer = nn.Identity()
-            pact_module = layer.input_quantizer
-            bits = pact_module.bits
-            signed = pact_module.signed
-            quantizer = UniformQuantizer(bits, "symmetric" if signed else "asymmetric").to(layer.weight.device)
-            levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-            clip = pact_module.clip[pact_module.choice.precisions.index(bits)].clamp_min(1e-3)
-            quantizer.step.fill_(float(clip / levels))
-            quantizer.initialized.fill_(True)
-            layer.input_quantizer = quantizer
+            layer.input_quantizer = _as_uniform(layer.input_quantizer).to(layer.weight.device)
+
+
+def _as_uniform(pact_module: MixedPrecisionActivation) -> UniformQuantizer:
+    """The harness quantizer that computes exactly what the frozen PACT computes (same arithmetic): the
+    narrow grid is its symmetric mode; the unsigned and signed grids its asymmetric mode, zero at code -q_min."""
+    bits = pact_module.bits
+    q_min, q_max = activation_range(bits, pact_module.grid)
+    mode, zero = uniform_mode(pact_module.grid, q_min)
+    quantizer = UniformQuantizer(bits, mode)
+    clip = pact_module.clip[pact_module.choice.precisions.index(bits)].clamp_min(1e-3)
+    quantizer.step.fill_(float(clip / max(q_max, -q_min)))
+    quantizer.zero_point.fill_(zero)
+    quantizer.initialized.fill_(True)
+    return quantizer
 
 
 # -------------------------------------------------------------------------------------- budget
@@ -530,6 +593,30 @@ def fit_to_budget(space: SearchSpace, assignment: Assignment, model: CostModel,
     return assignment, batches
 
 
+def project_onto_budget(space: SearchSpace, method: str, model: CostModel, dense: float, target: float,
+                        counter: Callable[[CompressionPlan], float],
+                        fill: bool) -> tuple[CompressionPlan, dict[str, int]]:
+    """Freeze the search's argmax and read its plan -- what the search itself reached, for the harness to
+    count -- then project it onto the budget (:func:`fit_to_budget`) by ``model``, then by ``counter``
+    (the harness's relative cost of a plan), and leave the projected assignment applied.
+
+    Returns the searched plan and the number of accepted move batches of both fits.
+    """
+    searched = space.hard_assignment()
+    space.apply(searched)
+    searched_plan = plan_from_model(space.model, method)
+    assignment, batches = fit_to_budget(space, searched, model, lambda a: space.cost(model, a) / dense,
+                                        target, dense, fill=fill)
+
+    def counted(candidate: Assignment) -> float:
+        space.apply(candidate)
+        return counter(plan_from_model(space.model, method))
+
+    assignment, counter_batches = fit_to_budget(space, assignment, model, counted, target, dense, fill=False)
+    space.apply(assignment)
+    return searched_plan, {"budget_fit_batches": batches, "counter_fit_batches": counter_batches}
+
+
 # ------------------------------------------------------------------------------------- training
 class SearchHooks(TrainHooks):
     """The search phase inside the harness trainer.
@@ -594,12 +681,31 @@ class SearchHooks(TrainHooks):
 
 # --------------------------------------------------------------------------------------- method
 @torch.no_grad()
-def signed_inputs(model: nn.Module, batch: torch.Tensor) -> set[str]:
-    """Conv/linear layers whose input takes negative values (the network input): they get a signed PACT."""
-    seen: dict[str, float] = {}
+def signed_inputs(model: nn.Module, batch: torch.Tensor, chunk: int = 64) -> set[str]:
+    """Conv/linear layers whose input takes negative values on ``batch``: the network input, and inner
+    inputs that no ReLU precedes (MobileNetV2's linear bottlenecks). They get a signed PACT grid.
+
+    ``batch`` runs in chunks of ``chunk`` samples: the calibration set of an ImageNet run (8 x 256
+    images at 224^2) in one forward pass would hold ~10 GB in MobileNetV2's widest activation.
+    """
+    seen: set[str] = set()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    observe_inputs(model, layers, [batch], lambda name, layer, x: seen.__setitem__(name, float(x.min())))
-    return {name for name, low in seen.items() if low < 0}
+    observe_inputs(model, layers, batch.split(chunk),
+                   lambda name, layer, x: seen.add(name) if bool((x < 0).any()) else None)
+    return seen
+
+
+def outside_paper_regime(space: SearchSpace) -> dict[str, str]:
+    """The ``outside_paper_regime`` note where the search space leaves what the paper and its code ran:
+    signed activations inside the network, which their networks (ResNet-8, DS-CNN, ResNet-18 on Tiny
+    ImageNet, ResNet-50 on ImageNet) never have -- upstream quantizes every inner activation with an
+    unsigned PACT -- so the signed grid searched there is this harness's extension."""
+    inner = [name for name, grid in space.grids.items() if grid == "signed"]
+    if not inner:
+        return {}
+    return {"outside_paper_regime": f"{len(inner)} of {len(space.grids)} layer inputs are signed inside the network "
+                                    "(no ReLU before them), which none of the paper's networks has, so their "
+                                    "precision is searched on a signed activation grid the paper never used"}
 
 
 @register_method("cwmpq")
@@ -608,9 +714,13 @@ class CWMPQ(Method):
 
     Per output channel, softmax(alpha / T) mixes symmetric min-max quantized copies of the
     weights at each precision of ``w_precisions`` (0 bits = zero = pruned channel); per layer
-    input, the same over PACT-quantized activations at ``a_precisions`` (learned clip, init 6).
-    The network input (a signed layer input) is fixed at ``input_bits`` with a symmetric PACT
-    clip, like upstream's separate input quantizer. alpha_p starts at p / max(P); T anneals by
+    input, the same over PACT-quantized activations at ``a_precisions`` (learned clip, init 6):
+    on PACT's unsigned grid after a ReLU, on a signed grid (clip [-c, c), all 2^b two's-complement
+    codes) where the input takes negative values inside the network -- MobileNetV2's 17 inputs fed
+    by a linear bottleneck, 53 % of its MACs, which at a fixed 8 bits would keep its cheapest
+    unpruned assignment at 0.010 of FP32 BOPs. Only the network input itself (the layers that
+    read it through no other conv/linear) is fixed, at ``input_bits`` on the narrow symmetric grid,
+    like upstream's separate 8-bit input quantizer. alpha_p starts at p / max(P); T anneals by
     exp(-``anneal_rate``) per search epoch; evaluation uses the argmax. Channels coupled by the
     torch-pruning dependency graph (residual partners; a depthwise conv and its producer) share
     one logit vector; the classifier cannot reach 0 bits; the keep probabilities 1 - theta_0 of
@@ -629,7 +739,11 @@ class CWMPQ(Method):
     it stays within, so a search whose argmax overshot -- channels of a group tend to cross to
     0 bits together -- still spends the budget where the logits object least; (3) the harness
     counter checks the result and lowers further if it disagreed (it never has: the size and bops
-    cost models equal it at hard assignments). The precisions are frozen for fine-tuning.
+    cost models equal it at hard assignments). The precisions are frozen for fine-tuning. The
+    argmax assignment before (2) goes back as ``Compressed.searched``, so the harness counts and
+    reports what the search itself reached (``searched_relative_bops``) beside the projected result.
+    A run whose network has signed inner inputs is noted ``outside_paper_regime``: the paper's
+    networks (ResNet-8, DS-CNN, ResNet-18 on Tiny ImageNet; ResNet-50 on ImageNet in its code) have none.
 
     Deviations from upstream, all deliberate: BatchNorm is not folded into the conv (the harness
     counts conv/linear layers only); it runs on running statistics recalibrated with the soft
@@ -637,7 +751,9 @@ class CWMPQ(Method):
     with its shift scaled by the channel's keep probability, is masked after the search and
     trains normally during fine-tuning; the weight grid is the narrow symmetric one
     (+-(2^(b-1)-1) levels; upstream spans 2*max|W| over 2^b - 1 steps and clips the top); PACT
-    rounds to nearest (upstream floors); activation precision is searched per layer *input* (the
+    rounds to nearest (upstream floors); a signed inner input has one learned clip per precision
+    and a grid symmetric up to its top code (upstream's ``PACTActSigned``, which its code uses only
+    for the network input, learns both ends); activation precision is searched per layer *input* (the
     harness's a_bits convention; upstream quantizes each producer's output once); the size cost
     counts 32-bit biases of kept channels (so it equals the harness counter) and the effective
     input channels carry gradient (upstream detaches them); the weights train with the harness
@@ -653,21 +769,30 @@ class CWMPQ(Method):
     """
 
     class Hparams(Method.Hparams):
-        w_precisions: tuple[int, ...] = (0, 2, 4, 8)
-        a_precisions: tuple[int, ...] = (2, 4, 8)
-        cost_model: str | None = None
-        strength: float = Field(10.0, gt=0)
-        strength_ramp: bool = True
-        temperature: float = Field(1.0, gt=0)
-        anneal_rate: float = Field(0.045, ge=0)
-        alpha_lr: float | None = Field(None, gt=0)  # None: 1.0 with the recipe's SGD, 0.01 with Adam
-        alpha_momentum: float = Field(0.9, ge=0, lt=1)
-        warmup_fraction: float = Field(0.1, ge=0, lt=1)
-        search_fraction: float = Field(0.5, gt=0, le=1)
-        act_clip_init: float = Field(6.0, gt=0)
-        input_bits: int = Field(8, ge=2, le=16)
-        fill_budget: bool = True
-        calibration_batches: int = Field(8, ge=1)
+        w_precisions: tuple[int, ...] = Field((0, 2, 4, 8), description="weight precisions each output channel "
+                                              "chooses among (bits; 0 = pruned)")
+        a_precisions: tuple[int, ...] = Field((2, 4, 8), description="precisions each layer input but the network "
+                                              "input chooses among, signed or unsigned (bits)")
+        cost_model: str | None = Field(None, description="regulariser's cost model (size, bops, mpic or one in "
+                                                         "cost_models/); null = the budget's metric")
+        strength: float = Field(10.0, gt=0, description="lambda per unit of relative excess of the expected cost "
+                                                        "over the budget (dimensionless)")
+        strength_ramp: bool = Field(True, description="ramp lambda from 1 % to 100 % over the first half of the "
+                                                      "search (upstream's incremental strength)")
+        temperature: float = Field(1.0, gt=0, description="softmax temperature T0 at the first search epoch")
+        anneal_rate: float = Field(0.045, ge=0, description="T = T0 exp(-anneal_rate x epoch) (per search epoch)")
+        alpha_lr: float | None = Field(None, gt=0, description="learning rate of the logits; null = 1.0 with the "
+                                                               "recipe's SGD, 0.01 with Adam")
+        alpha_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the logits")
+        warmup_fraction: float = Field(0.1, ge=0, lt=1, description="float warm-up epochs (fraction of the run's)")
+        search_fraction: float = Field(0.5, gt=0, le=1, description="search epochs (fraction of the run's)")
+        act_clip_init: float = Field(6.0, gt=0, description="initial PACT clip c of every activation precision "
+                                                            "(activation units)")
+        input_bits: int = Field(8, ge=2, le=16, description="fixed precision of the network input (bits)")
+        fill_budget: bool = Field(True, description="after lowering, raise precisions again while the cost fits "
+                                                    "the budget")
+        calibration_batches: int = Field(8, ge=1, description="training batches that find the signed inputs and "
+                                                              "re-estimate BN as the search starts (batches)")
 
         @field_validator("w_precisions")
         @classmethod
@@ -712,28 +837,18 @@ class CWMPQ(Method):
         regulariser = get_cost_model(self.hp.cost_model or budget.metric)
         calibration = torch.cat(list(ctx.calibration_batches(self.hp.calibration_batches)))
         space = SearchSpace(model, ctx.input_shape, self.hp.w_precisions, self.hp.a_precisions,
-                            signed_inputs(model, calibration), self.hp.act_clip_init, (self.hp.input_bits,))
+                            signed_inputs(model, calibration), self.hp.act_clip_init, self.hp.input_bits)
         space.recalibrate_norms(calibration)
         hooks = SearchHooks(space, self.hp, regulariser, budget_model, budget.target * dense_cost, search,
                             ctx.recipe.optimizer == "sgd", ctx.log_metrics)
         ctx.train(model, search, phase="search", hooks=hooks)
 
-        searched = space.hard_assignment()
-        searched_cost = space.cost(budget_model, searched) / dense_cost
-        assignment, batches = fit_to_budget(space, searched, budget_model,
-                                            lambda a: space.cost(budget_model, a) / dense_cost,
-                                            budget.target, dense_cost, fill=self.hp.fill_budget)
-
-        def counted(candidate: Assignment) -> float:
-            space.apply(candidate)
-            return ctx.cost(model, plan_from_model(model, self.name)).relative(budget.metric)
-
-        assignment, counter_batches = fit_to_budget(space, assignment, budget_model, counted, budget.target,
-                                                    dense_cost, fill=False)
+        searched, fit_notes = project_onto_budget(space, self.name, budget_model, dense_cost, budget.target,
+                                                  lambda plan: ctx.cost(model, plan).relative(budget.metric),
+                                                  fill=self.hp.fill_budget)
         ctx.train(model, finetune, phase="finetune")
-        notes = {"searched_relative_cost": searched_cost, "budget_fit_batches": batches,
-                 "counter_fit_batches": counter_batches, "cost_model": regulariser.name,
-                 "phase_epochs": [warmup, search, finetune]}
+        notes = {**fit_notes, "cost_model": regulariser.name, "phase_epochs": [warmup, search, finetune],
+                 **outside_paper_regime(space)}
         plan = plan_from_model(model, self.name, notes)
         space.to_core_modules()
-        return Compressed(model, plan)
+        return Compressed(model, plan, searched=searched)

@@ -1,7 +1,9 @@
 """cwmpq (methods/cwmpq.py): 0-bit channels are pruned for real, coupled channels share one choice,
 the temperature follows its schedule, evaluation quantizes each channel at one precision, the
 regulariser at hard assignments is the harness's count, the budget projection lands within the
-budget, and `jpqbench run --method cwmpq` meets its budget end to end."""
+budget, MobileNetV2's signed inner activations are searched down to 2 bits on a signed grid (at
+224^2), the plan the search reached before the projection is recorded and counted, and
+`jpqbench run --method cwmpq` meets its budget end to end."""
 from __future__ import annotations
 
 import json
@@ -24,6 +26,10 @@ from jpqbench.registry import DATASETS, METHODS, MODELS
 CWMPQ = METHODS.get("cwmpq")
 cw = sys.modules[CWMPQ.__module__]
 MODELS_UNDER_TEST = [("digits_cnn", (1, 8, 8)), ("resnet8", (3, 32, 32)), ("ds_cnn", (1, 49, 10))]
+IMAGENET = (3, 224, 224)
+# MobileNetV2 at 224^2 reaches 0.005 of FP32 BOPs with this fraction of its channels pruned: none (its
+# cheapest unpruned assignment, every weight and searched input at 2 bits, costs 0.0043)
+MOBILENET_PRUNED_AT_0_005 = 0.0
 
 
 def _space(model_name: str = "digits_cnn", input_shape: tuple[int, ...] = (1, 8, 8), seed: int = 0):
@@ -31,10 +37,29 @@ def _space(model_name: str = "digits_cnn", input_shape: tuple[int, ...] = (1, 8,
     torch.manual_seed(seed)
     model = MODELS.get(model_name)(10, input_shape)
     batch = torch.randn(16, *input_shape)
-    space = cw.SearchSpace(model, input_shape, (0, 2, 4, 8), (2, 4, 8), cw.signed_inputs(model, batch), 6.0)
+    space = cw.SearchSpace(model, input_shape, (0, 2, 4, 8), (2, 4, 8), cw.signed_inputs(model, batch), 6.0, 8)
     model.train()
     model(batch)
     return model, space, batch
+
+
+def _mobilenet_v2():
+    """MobileNetV2 at ImageNet's 224^2 (random weights, BN on its initial statistics) wired for the search."""
+    torch.manual_seed(0)
+    model = MODELS.get("mobilenet_v2")(1000, IMAGENET)
+    batch = torch.randn(2, *IMAGENET)
+    space = cw.SearchSpace(model, IMAGENET, (0, 2, 4, 8), (2, 4, 8), cw.signed_inputs(model, batch), 6.0, 8)
+    return model, space, batch
+
+
+def _lowest(space, **bits_of: int) -> list[torch.Tensor]:
+    """Every choice at its lowest non-zero precision, except the layer inputs named in ``bits_of``."""
+    inputs = {id(layer.input_quantizer.choice): name for name, layer in space.layers.items()}
+    out = []
+    for choice in space.choices:
+        bits = bits_of.get(inputs.get(id(choice)), min(p for p in choice.precisions if p))
+        out.append(torch.full_like(choice.hard(), choice.precisions.index(bits)))
+    return out
 
 
 def _randomise(space, seed: int = 1) -> None:
@@ -194,6 +219,73 @@ def test_budget_projection_lands_within_and_close_to_the_budget() -> None:
     assert count(model, (1, 8, 8), plan_from_model(model, "cwmpq")).relative_bops == pytest.approx(relative(lowered))
 
 
+def test_mobilenet_v2_searches_every_signed_inner_input_down_to_2_bits() -> None:
+    """At 224^2 the 17 layer inputs fed by a linear bottleneck (signed, 53 % of the MACs) choose among
+    a_precisions like every other input; only the network input is fixed. So MobileNetV2 reaches 0.005
+    of FP32 BOPs, by the harness counter, pruning MOBILENET_PRUNED_AT_0_005 of its channels; with those
+    inputs at 8 bits, as they used to be fixed, its cheapest unpruned assignment is above 0.01."""
+    model, space, _ = _mobilenet_v2()
+    inner = {name for name, grid in space.grids.items() if grid == "signed"}
+    assert cw.network_input_layers(model, IMAGENET) == {"features.0.0"}
+    assert space.grids["features.0.0"] == "narrow"
+    assert space.layers["features.0.0"].input_quantizer.choice.precisions == (8,)
+    assert len(inner) == 17 and "features.18.0" in inner and "features.2.conv.0.0" in inner
+    for name in inner:
+        assert space.layers[name].input_quantizer.choice.precisions == (2, 4, 8), name
+
+    space.apply(_lowest(space))
+    plan = plan_from_model(model, "cwmpq")
+    kept = sum(int(layer.kept_mask().sum()) for layer in plan.layers.values())
+    pruned = 1 - kept / sum(layer.out_channels for layer in plan.layers.values())
+    assert pruned <= MOBILENET_PRUNED_AT_0_005
+    assert count(model, IMAGENET, plan).relative_bops <= 0.005
+    space.apply(_lowest(space, **{name: 8 for name in inner}))
+    assert count(model, IMAGENET, plan_from_model(model, "cwmpq")).relative_bops > 0.01
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_signed_activation_with_b_bits_takes_at_most_2_to_the_b_values(bits: int) -> None:
+    """The signed grid spends all 2^b codes on [-c, c) with 0 exact; on MobileNetV2 at 224^2 with every
+    searched input at b bits the plan passes verify_plan, and the harness quantizers the returned model
+    holds compute exactly what the search's PACTs computed."""
+    x = torch.linspace(-20, 20, 40001)
+    y = cw.pact(x, torch.tensor(3.0), bits, "signed")
+    assert torch.unique(y).numel() == 2 ** bits and bool((y == 0).any())
+    assert float(y.min()) == -3.0 and float(y.max()) == pytest.approx(3.0 * (1 - 2 ** (1 - bits)))
+
+    model, space, batch = _mobilenet_v2()
+    inner = [name for name, grid in space.grids.items() if grid == "signed"]
+    space.apply(_lowest(space, **{name: bits for name in space.layers if name != "features.0.0"}))
+    plan = plan_from_model(model, "cwmpq")
+    assert {plan.layers[name].a_bits for name in inner} == {bits}
+    verify_plan(plan, model, batch)
+    model.eval()
+    with torch.no_grad():
+        searched = model(batch)
+        space.to_core_modules()
+        assert torch.equal(model(batch), searched)
+    verify_plan(plan, model, batch)
+
+
+def test_the_plan_the_search_reached_is_recorded_and_counted() -> None:
+    """project_onto_budget returns the plan of the search's argmax, as the harness counts it (above the
+    budget here), and leaves the projection applied (within it, by the same counter), on MobileNetV2."""
+    model, space, _ = _mobilenet_v2()
+    _randomise(space)
+    bops = get_cost_model("bops")
+    dense = count(model, IMAGENET).dense_bops
+    argmax = space.hard_assignment()
+    counter = lambda plan: count(model, IMAGENET, plan).relative_bops  # noqa: E731
+    searched, notes = cw.project_onto_budget(space, "cwmpq", bops, dense, 0.005, counter, fill=True)
+    assert counter(searched) == pytest.approx(space.cost(bops, argmax) / dense, rel=1e-9)
+    assert counter(searched) > 0.005 and notes["budget_fit_batches"] > 0
+    for name, layer in space.layers.items():
+        index, slot = space.weight_slot[name]
+        precisions = space.w_choices[index].precisions
+        assert searched.layers[name].w_bits == [precisions[i] for i in argmax[index][slot].tolist()], name
+    assert counter(plan_from_model(model, "cwmpq")) <= 0.005
+
+
 @pytest.mark.parametrize("params, message", [
     ({"cost_model": "mpic", "w_precisions": (0, 3, 8)}, "mpic"),
     ({"cost_model": "nope"}, "unknown cost model"),
@@ -228,7 +320,11 @@ def test_jpqbench_run_cwmpq_meets_its_budget(digits_workspace: DigitsWorkspace, 
     assert metrics["achieved"] == metrics[f"relative_{metric}"] <= budget
     plan = CompressionPlan.load(out / "plan.json")
     assert plan.notes["phase_epochs"] == [1, 2, 1]
-    assert all(isinstance(layer.w_bits, list) for layer in plan.layers.values())
+    assert "outside_paper_regime" not in plan.notes  # digits_cnn has no signed inner activation
     data = DATASETS.get("digits")().load(digits_workspace.data_root / "digits")
     saved = torch.load(out / "model.pt", weights_only=False)
+    searched = count(saved["model"], data.input_shape, CompressionPlan.load(out / "searched_plan.json"))
+    assert metrics[f"searched_relative_{metric}"] == pytest.approx(searched.relative(metric), rel=1e-12)
+    assert searched.relative(metric) > budget  # four epochs: only the projection met the budget
+    assert all(isinstance(layer.w_bits, list) for layer in plan.layers.values())
     verify_plan(plan, saved["model"], next(iter(data.loader("train", 64)))[0])
