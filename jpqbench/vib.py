@@ -4,8 +4,17 @@ Every gated conv/linear layer gets one gate per output channel, ``z = mu + eps *
 ``eps ~ N(0, 1)`` drawn per sample and channel while training. A channel's information is
 measured by ``log alpha = log sigma^2 - log mu^2``: the channel is kept iff ``log alpha <
 threshold``, and at evaluation the gate is deterministic, ``1[log alpha < threshold] * mu``.
-The KL term of the bottleneck, ``0.5 * log(1 + mu^2 / sigma^2)`` per channel (times H*W of the
-gated map, as VIBNet weights conv layers), pushes uninformative channels towards ``mu = 0``.
+The KL term of the bottleneck, ``0.5 * log(1 + mu^2 / sigma^2)`` per channel, pushes
+uninformative channels towards ``mu = 0``.
+
+How a conv channel's KL is weighted: VIBNet's layer sums the KL over every position of the
+gated map (x H*W) and multiplies it by a per-layer ``kl_mult``; every configuration its
+published runs use (zhuchen03/VIBNet ``ib_vgg.py`` D4, D6, G, G5) sets ``kl_mult`` to
+1 / (side of the map), so a channel's KL counts ``H*W / side = sqrt(H*W)`` times. Plain H*W
+would weigh a 112x112 stem channel 256 times a 7x7 one, and the high-resolution stages would
+close before any cost term acts. Here a gate's KL is weighted by ``(H*W) ** kl_spatial_exponent``
+(:func:`attach_gates`): 0.5 is VIBNet's published weighting (generalised to non-square maps),
+1 its plain per-position sum, 0 one count per channel (its D5 configuration).
 
 Where the gate sits: on the output of the layer's own BatchNorm when one reads the layer's
 output directly (so the gate scales what BN emits and a closed gate emits an exact zero,
@@ -33,15 +42,18 @@ class VIBGate(nn.Module):
     """Per-channel multiplicative gate ``z = mu + eps * sigma`` (deterministic at eval)."""
 
     def __init__(self, channels: int, threshold: float = 0.0, init_mu: tuple[float, float] = (1.0, 0.01),
-                 init_log_sigma2: tuple[float, float] = (-9.0, 0.01), spatial: int = 1) -> None:
+                 init_log_sigma2: tuple[float, float] = (-9.0, 0.01), spatial: int = 1,
+                 kl_spatial_exponent: float = 0.5) -> None:
         super().__init__()
         self.mu = nn.Parameter(torch.randn(channels) * init_mu[1] + init_mu[0])
         self.log_sigma2 = nn.Parameter(torch.randn(channels) * init_log_sigma2[1] + init_log_sigma2[0])
         self.threshold = float(threshold)
-        self.spatial = int(spatial)  # H*W of the gated map: the KL of a conv channel counts every position
+        self.spatial = int(spatial)  # H*W of the gated map (1 for a linear layer)
+        self.kl_scale = float(self.spatial ** kl_spatial_exponent)  # how many times a channel's KL counts
 
     def extra_repr(self) -> str:
-        return f"channels={self.mu.numel()}, threshold={self.threshold}, spatial={self.spatial}"
+        return (f"channels={self.mu.numel()}, threshold={self.threshold}, spatial={self.spatial}, "
+                f"kl_scale={self.kl_scale:g}")
 
     def log_alpha(self) -> torch.Tensor:
         return self.log_sigma2 - torch.log(self.mu ** 2 + _LOG_EPS)
@@ -56,7 +68,7 @@ class VIBGate(nn.Module):
 
     def kl(self) -> torch.Tensor:
         # 0.5 * log(1 + mu^2 / sigma^2) = 0.5 * softplus(-log alpha), stable for any log alpha
-        return 0.5 * F.softplus(-self.log_alpha()).sum() * self.spatial
+        return 0.5 * F.softplus(-self.log_alpha()).sum() * self.kl_scale
 
     def gate(self, batch: int) -> torch.Tensor:
         """The gate values, shape (batch, channels): sampled while training, deterministic at eval."""
@@ -191,8 +203,11 @@ def _spatial(output: torch.Tensor) -> int:
 
 def attach_gates(model: nn.Module, names: list[str], input_shape: tuple[int, ...], threshold: float = 0.0,
                  init_mu: tuple[float, float] = (1.0, 0.01),
-                 init_log_sigma2: tuple[float, float] = (-9.0, 0.01)) -> Gates:
+                 init_log_sigma2: tuple[float, float] = (-9.0, 0.01), kl_spatial_exponent: float = 0.5) -> Gates:
     """Hook a :class:`VIBGate` onto the output channels of each layer in ``names`` (model made compressible).
+
+    A gate's KL counts ``(H*W) ** kl_spatial_exponent`` times, H*W that of the map it gates
+    (see the module docstring for why 0.5).
 
     The gates are registered as submodules (``<host>.vib_gate``), so they are in the model's
     ``parameters()`` and ``state_dict()`` and travel with checkpoints.
@@ -202,8 +217,8 @@ def attach_gates(model: nn.Module, names: list[str], input_shape: tuple[int, ...
     for name, (host_name, spatial) in gate_hosts(model, names, input_shape).items():
         host = modules[host_name]
         # drawn on the CPU (the same initial gates on every device), then moved to the layer's device
-        gate = VIBGate(modules[name].weight.shape[0], threshold, init_mu, init_log_sigma2, spatial).to(
-            modules[name].weight.device)
+        gate = VIBGate(modules[name].weight.shape[0], threshold, init_mu, init_log_sigma2, spatial,
+                       kl_spatial_exponent).to(modules[name].weight.device)
         host.vib_gate = gate
         handles.append(host.register_forward_hook(_gate_output))
         gates[name], hosts[name] = gate, host_name

@@ -1,10 +1,17 @@
 """DJPQ (methods/djpq.py, jpqbench/vib.py): VIB gates prune what they close, the differentiable cost is
 the harness counter at hard gates and falls when gates close or bits drop, the power-of-two variant
-keeps to {2, 4, 8, 16}, and `jpqbench run --method djpq` meets its budget with an honest plan."""
+keeps to {2, 4, 8, 16}, and `jpqbench run --method djpq` meets its budget with an honest plan.
+
+At the papers' scale (every architecture of config/paper.yaml at its real input size): the KL
+pressure per channel at initialisation is balanced across stages, paper.yaml's ``kl_weight``
+puts the KL term at initialisation at half the chance cross-entropy, and the plan the search
+reached before the projection is recorded and costs at least the projected plan."""
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +21,26 @@ from torch import nn
 
 from conftest import DigitsWorkspace
 from jpqbench.cli import main
+from jpqbench.config import load_config
 from jpqbench.cost import count
+from jpqbench.layers import make_compressible
 from jpqbench.learned_quant import LearnedQuantizer
-from jpqbench.methods_api import Budget
+from jpqbench.methods_api import Budget, make_method
 from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned
-from jpqbench.registry import METHODS, MODELS
+from jpqbench.registry import DATASETS, METHODS, MODELS, PROJECT_ROOT
 
-SHAPES = {"digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet8": (3, 16, 16)}
+SHAPES = {"digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet8": (3, 16, 16), "resnet20": (3, 32, 32)}
+PAPER = PROJECT_ROOT / "config" / "paper.yaml"
+# the models of the papers' grid at their real input sizes, with their dataset's class count
+REAL_SCALE = {"resnet8": ((3, 32, 32), 10), "resnet20": ((3, 32, 32), 10), "vgg7": ((3, 32, 32), 10),
+              "ds_cnn": ((1, 49, 10), 12), "resnet18_64": ((3, 64, 64), 200),
+              "resnet18": ((3, 224, 224), 1000), "resnet50": ((3, 224, 224), 1000),
+              "mobilenet_v2": ((3, 224, 224), 1000)}
+# the stated balance: a channel's KL pressure at initialisation is at most CONV_STAGE_BOUND times
+# another's among conv stages (224x224: the 112x112 stem against the 7x7 stage), and at most
+# GATE_BOUND times among all gates (VGG7: its 32x32 convs against its FC gate, VIBNet's own
+# VGG ratio); H*W weighting gave 256 and 1024
+CONV_STAGE_BOUND, GATE_BOUND = 16.0, 32.0
 
 
 def _djpq():
@@ -48,6 +68,48 @@ def _prepared(model_name: str, metric: str = "bops", **hparams):
     gates, cost = method.prepare(model, Budget(metric, 0.05), ctx)
     hooks = _djpq().JointHooks(model, gates, cost, 0.05, method.hp)
     return model, gates, hooks, method.hp, torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def _kl_per_channel_by_stage(model_name: str, kl_weight: float | None = None) -> tuple[dict[int, float], float]:
+    """A paper-grid model at its real input size with DJPQ's gates: the KL term per channel at
+    initialisation (nats, kl_weight included) of each stage (keyed by the gated map's H*W), and
+    the whole KL term at initialisation."""
+    shape, classes = REAL_SCALE[model_name]
+    torch.manual_seed(0)
+    model = MODELS.get(model_name)(classes, shape)
+    make_compressible(model)
+    hp = METHODS.get("djpq")(**({} if kl_weight is None else {"kl_weight": kl_weight})).hp
+    gates = _djpq().gate_model(model, shape, hp)
+    stages: dict[int, list[float]] = defaultdict(list)
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            stages[gate.spatial].append(hp.kl_weight * float(gate.kl()) / gate.mu.numel())
+        total = hp.kl_weight * float(gates.kl())
+    return {spatial: sum(values) / len(values) for spatial, values in stages.items()}, total
+
+
+@pytest.mark.parametrize("model_name", list(REAL_SCALE))
+def test_kl_pressure_per_channel_is_balanced_across_stages(model_name: str) -> None:
+    """At the real input size no stage's channels start with more than CONV_STAGE_BOUND (conv
+    stages) or GATE_BOUND (any gate) times another's KL pressure: a channel's KL counts
+    sqrt(H*W) times, so the ratio is that of the map sides, not of their areas."""
+    per_channel, _ = _kl_per_channel_by_stage(model_name)
+    conv = [value for spatial, value in per_channel.items() if spatial > 1]
+    assert max(conv) <= CONV_STAGE_BOUND * min(conv) * (1 + 1e-2)
+    assert max(per_channel.values()) <= GATE_BOUND * min(per_channel.values()) * (1 + 1e-2)
+    largest, smallest = max(per_channel), min(per_channel)  # the ratio is the ratio of the map sides
+    assert per_channel[largest] / per_channel[smallest] == pytest.approx(math.sqrt(largest / smallest), rel=5e-3)
+
+
+@pytest.mark.parametrize("dataset,model_name", load_config(PAPER).benchmarks())
+def test_paper_kl_weight_starts_the_kl_term_at_half_the_chance_cross_entropy(dataset: str, model_name: str) -> None:
+    """paper.yaml's kl_weight for each benchmark puts the KL term at initialisation at
+    0.5 ln(classes) nats (within the 2-significant-digit rounding of the value in paper.yaml)."""
+    config = load_config(PAPER)
+    hp = make_method("djpq", config.method_params_of(dataset, model_name)).hp
+    assert REAL_SCALE[model_name] == (DATASETS.get(dataset).input_shape, DATASETS.get(dataset).num_classes)
+    _, total = _kl_per_channel_by_stage(model_name, hp.kl_weight)
+    assert total == pytest.approx(0.5 * math.log(DATASETS.get(dataset).num_classes), rel=0.05)
 
 
 def _harden(gates, quantizers, closed: dict[str, list[int]], bits: dict[str, tuple[int, int]]) -> None:
@@ -152,6 +214,62 @@ def test_residual_partner_keeps_a_channel_alive() -> None:
     assert hooks.cost.layer_terms(keep)[consumer][0] == pytest.approx(dense * 24 / 32)
 
 
+def _project_random_search(model_name: str, metric: str, target_fraction: float | None):
+    """A prepared model whose search ended with random closed gates and bit widths, projected onto
+    ``target_fraction`` x the cost of that hardened state (None: a budget of 1, no move needed)."""
+    model, gates, hooks, hp, batch = _prepared(model_name, metric)
+    gen = torch.Generator().manual_seed(3)
+    closed = {name: torch.nonzero(torch.rand(g.mu.numel(), generator=gen) < 0.3).flatten().tolist()
+              for name, g in gates.gates.items()}
+    bits = {name: tuple(int(b) for b in torch.randint(3, 9, (2,), generator=gen)) for name in hooks.quantizers}
+    _harden(gates, hooks.quantizers, closed, bits)
+    hardened = _djpq().hardened_plan(model, *_djpq().harden(model, gates, hooks.cost, hp), "djpq")
+    target = 1.0 if target_fraction is None else target_fraction * count(model, SHAPES[model_name],
+                                                                         hardened).relative(metric)
+    projection = _djpq().project_to_budget(model, gates, hooks.cost, target=target, hp=hp)
+    return model, projection, closed, bits, target, batch
+
+
+@pytest.mark.parametrize("metric", ["bops", "size"])
+@pytest.mark.parametrize("model_name", ["resnet20", "ds_cnn"])
+def test_searched_plan_is_the_hardened_search_and_costs_at_least_the_projected(model_name: str, metric: str) -> None:
+    """Real architectures at their real input sizes. The searched plan is the search's own hard
+    state (closed gates pruned, rounded bits), counted by the harness as the cost the projection
+    started from; every projection move lowers a bit width or prunes a channel, so the projected
+    plan is contained in it and costs less (here the search ended at twice the budget)."""
+    model, projection, closed, bits, target, _ = _project_random_search(model_name, metric, 0.5)
+    searched, shape = projection.searched, SHAPES[model_name]
+    projected = plan_from_model(model, "djpq")
+    searched_cost = count(model, shape, searched).relative(metric)
+    projected_cost = count(model, shape, projected).relative(metric)
+    assert searched_cost == pytest.approx(projection.notes["cost_at_rounding"], rel=1e-5)
+    assert searched_cost == pytest.approx(2 * target, rel=1e-5)
+    assert {name: (layer.w_bits, layer.a_bits) for name, layer in searched.layers.items()} == bits
+    assert all(set(pruned) <= set(searched.layers[name].pruned) for name, pruned in closed.items())
+    assert projected_cost <= target < searched_cost
+    for name, layer in projected.layers.items():
+        assert set(searched.layers[name].pruned) <= set(layer.pruned)
+        assert searched.layers[name].w_bits >= layer.w_bits and searched.layers[name].a_bits >= layer.a_bits
+
+
+def test_searched_plan_is_the_projected_plan_when_the_search_met_the_budget() -> None:
+    model, projection, _, _, _, batch = _project_random_search("resnet20", "bops", None)
+    assert projection.notes["projection_bit_steps"] == projection.notes["projection_pruned_channels"] == 0
+    assert projection.searched.layers == plan_from_model(model, "djpq").layers
+    verify_plan(projection.searched, model, batch)
+
+
+def test_budgets_beyond_the_papers_most_compressed_points_are_flagged() -> None:
+    """DJPQ published 0.48 % relative BOPs on CIFAR-10 (VGG7, 210x) but no ImageNet point below
+    1.9 % (ResNet-18, 53x): paper.yaml's 0.5 % and 1 % are outside its regime on ImageNet only."""
+    note = _djpq().paper_regime_note
+    flagged = {(dataset, budget) for dataset, _ in load_config(PAPER).benchmarks()
+               for budget in load_config(PAPER).budgets_of(dataset) if note(dataset, Budget("bops", budget))}
+    assert flagged == {("imagenet", 0.005), ("imagenet", 0.01)}
+    assert "1.89%" in note("imagenet", Budget("bops", 0.005))["outside_paper_regime"]
+    assert note("imagenet", Budget("size", 0.005)) == {}  # the paper's points are BOPs
+
+
 def test_pow2_quantizer_uses_the_nearest_power_of_two_grid() -> None:
     model, gates, hooks, hp, batch = _prepared("digits_cnn", restrict_pow2=True)
     weight_q = hooks.quantizers["blocks.0.body.0"][0]
@@ -187,6 +305,12 @@ def test_run_meets_its_budget(digits_workspace: DigitsWorkspace, no_env_tracking
     assert metrics[f"relative_{metric}"] <= budget * 1.10
     plan = CompressionPlan.load(tmp_path / "plan.json")
     assert plan.notes["projected_cost"] <= budget
+    # the search's own result is recorded, counted, and never below what the projection made of it
+    assert CompressionPlan.load(tmp_path / "searched_plan.json").method == "djpq"
+    assert metrics[f"searched_relative_{metric}"] == pytest.approx(plan.notes["cost_at_rounding"], rel=1e-5)
+    assert metrics[f"searched_relative_{metric}"] >= metrics[f"relative_{metric}"] * (1 - 1e-9)
+    # the default kl_weight is the paper grid's rule on digits_cnn: KL term at init = 0.5 ln(10)
+    assert plan.notes["kl_term_at_init"] == pytest.approx(0.5 * math.log(10), rel=0.05)
     assert all(2 <= layer.w_bits <= 16 and 2 <= layer.a_bits <= 16 for layer in plan.layers.values())
 
 
