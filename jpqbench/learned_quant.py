@@ -35,9 +35,16 @@ activation quantizer) and ``d = d(16)``, i.e. 16 bits. :meth:`LearnedQuantizer.f
 the bit width: from then on ``d`` is *computed* as ``d(b)`` from the current ``q_m`` and ``t``
 (which keep training), so the grid has exactly ``b`` bits at every step -- GETA's cool-down.
 
-:attr:`LearnedQuantizer.bits` is the integer bit width the current grid really needs
-(``ceil(log2(2n + 1))`` signed, ``ceil(log2(n + 1))`` unsigned); it is what the plan records
-and what the harness's plan checker verifies. Helpers install the quantizers on the
+One integer-bit rule serves the count, the freeze and the plan: :attr:`LearnedQuantizer.bits`
+is the integer bit width the current grid really needs (``ceil(log2(2n + 1))`` signed,
+``ceil(log2(n + 1))`` unsigned), which is what the plan records, what the cost counter counts
+and what the harness's plan checker verifies (at most ``2**bits`` distinct values); and
+:meth:`~LearnedQuantizer.freeze` without an explicit width freezes at that same ``bits``. A
+frozen b-bit grid has ``2**b - 1`` values (signed), so it still needs exactly ``b`` bits: what
+was counted before the freeze is what is counted after it. (Rounding the continuous width
+instead -- upstream GETA's ``round(bit_width)`` -- would freeze a 7.3-bit grid, which needs and
+was counted at 8 bits, at 7, so a method that sized its pruning on the count would end below
+its budget.) Helpers install the quantizers on the
 compressible layers of a model (:func:`install_learned_quantizers`), calibrate the input
 quantizers (:func:`calibrate_inputs`), and read or freeze all bit widths.
 """
@@ -193,8 +200,13 @@ class LearnedQuantizer(nn.Module):
 
     @torch.no_grad()
     def freeze(self, bits: int | None = None) -> None:
-        """Fix the bit width (default: the rounded continuous width); ``d`` follows ``q_m`` and ``t``."""
-        bits = int(round(float(self.bit_width()))) if bits is None else int(bits)
+        """Fix the bit width; ``d`` follows ``q_m`` and ``t`` from then on.
+
+        The default is :attr:`bits`, the integer width the current grid needs and the one the plan
+        and the cost counter already count, so freezing never changes the counted cost (see the
+        module docstring: one rule for count and freeze).
+        """
+        bits = self.bits if bits is None else int(bits)
         self.frozen_bits.fill_(max(bits, 1 if not bool(self.signed) else 2))
         self.d.copy_(self.step_for_bits(self.frozen_bits))
 
@@ -272,6 +284,6 @@ def layer_bits(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def freeze_all(model: nn.Module) -> None:
-    """Freeze every learned quantizer at its rounded continuous bit width."""
+    """Freeze every learned quantizer at the integer bit width its grid needs (:attr:`LearnedQuantizer.bits`)."""
     for quantizer in learned_quantizers(model).values():
         quantizer.freeze()

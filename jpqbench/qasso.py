@@ -14,8 +14,12 @@ parameter group's ``lr``. At optimizer step ``s`` of the run (0-based, :class:`S
 1. **warm-up** (``s < projection_start``): that step alone, on everything;
 2. **projection** (``projection_start <= s < pruning_start``): after the step, the partial
    projection -- only ``d`` is clamped into ``[d(b_u), d(b_l)]`` (bit width in ``[b_l, b_u]``),
-   ``q_m`` and ``t`` stay free; ``b_u`` starts at ``max_bits`` and drops by ``bit_reduction``
-   at the start of each projection period, never below ``final_bits``;
+   ``q_m`` and ``t`` stay free; ``b_u`` starts at ``max_bits`` and steps down at the start of
+   each projection period to reach ``final_bits`` -- the ``b_u`` of the joint stage -- in the
+   last one (:class:`BitSchedule`), so the projection hands the joint stage the range it
+   projected onto, as upstream does (there ``max_bit_wt`` drops by ``bit_reduction`` at each
+   period after the first, and the joint stage keeps where it ended: 16 - 4 x 2 = 8 in the
+   VGG7 tutorial);
 3. **joint** (``pruning_start <= s < cooldown_start``), in ``pruning_periods`` periods of ``L``
    steps: at the first step of a period the groups are scored (:func:`saliency`: magnitude,
    average magnitude, cosine similarity of parameter and direction, first- and second-order
@@ -45,9 +49,10 @@ parameter group's ``lr``. At optimizer step ``s`` of the run (0-based, :class:`S
    auxiliary decay). At the last step of a period the redundant channels become *pruned*:
    exactly 0.0 from then on (re-zeroed after every step) and masked (``out_mask``, BN masks)
    for the plan; so at the end of the joint stage every redundant channel is exactly zero.
-4. **cool-down** (``s >= cooldown_start``): every quantizer is frozen at its rounded bit width
-   at the end of the joint stage (:meth:`LearnedQuantizer.freeze`; ``q_m`` and ``t`` keep
-   training, ``d`` follows them -- upstream's projection of ``d`` onto ``d(bits)``).
+4. **cool-down** (``s >= cooldown_start``): every quantizer is frozen at the end of the joint
+   stage at the integer bit width its grid needs -- the width the budget count of the pruning
+   periods used (:meth:`LearnedQuantizer.freeze`; ``q_m`` and ``t`` keep training, ``d``
+   follows them -- upstream's projection of ``d`` onto ``d(bits)``).
 
 Choices that differ from upstream, each small and deliberate:
 
@@ -63,6 +68,15 @@ Choices that differ from upstream, each small and deliberate:
   values have (numerically) zero norm (upstream tests their *mean*, which is also below 1e-8
   for any group whose values are mostly negative); upstream's auxiliary decay runs once per
   step here (upstream repeats it for every parameter of the group in the same step);
+* the freeze keeps the integer bit width the grid needs, ``ceil(log2(2n + 1))`` for ``n``
+  positive levels (upstream rounds the continuous width, which for a 7.3-bit grid gives 7 bits
+  where the grid has 157 values): one rule for the budget count, the freeze and the plan
+  (:mod:`jpqbench.learned_quant`), so the freeze never changes the counted cost;
+* with ``bit_reduction`` unset, ``b_u`` steps down evenly from ``max_bits`` to ``final_bits``
+  over the projection periods (upstream: a fixed ``bit_reduction``, whose end the user
+  chooses to be the joint stage's ``b_u``; with 16 bits, 5 periods and ``b_u = 8`` the two are
+  the same, 2 bits a period); a set ``bit_reduction`` still ends at ``final_bits`` in the last
+  period;
 * ``d`` is clamped per layer (upstream uses one ``d`` for all layers of a group, bounded with
   the largest ``q_m`` of the group, which can put a layer with a smaller range below ``b_l``);
 * input (activation) quantizers are projected like weight quantizers, with their own
@@ -83,7 +97,9 @@ counter, through ``relative_cost``) is above the target, the quantizer with the 
 (ties: the first layer) loses one bit until the cost fits. GETA has no budget; the wall only
 takes back bits that rose after the last pruning period counted them (or, with a fixed group
 sparsity, what the pruning the method predicted got wrong), so it never goes below ``b_l``
-in budget mode.
+in budget mode. The wall is a projection onto the budget after the search: the bit widths
+frozen before it are kept in ``qasso_state.searched_bits`` (:meth:`QassoHooks.searched_bits`),
+so the method can report what its search itself reached.
 """
 from __future__ import annotations
 
@@ -161,21 +177,36 @@ class Schedule:
 
 @dataclass(frozen=True)
 class BitSchedule:
-    """The bit range ``[low, b_u]`` of one kind of quantizer; ``b_u`` steps down from ``max_bits``."""
+    """The bit range ``[low, b_u]`` of one kind of quantizer; ``b_u`` steps down from ``max_bits``
+    over the projection periods and is ``final`` from the last projection period on."""
 
     low: int
     max_bits: int
     final: int
-    reduction: int | None = None  # None: the reduction that reaches ``final`` in the last projection period
+    reduction: int | None = None  # bits per period; None: even steps from max_bits to final
 
     def upper(self, schedule: Schedule, step: int) -> int:
+        """``b_u`` at optimizer step ``step`` (``final`` outside the projection stage)."""
         if schedule.stage(step) != "projection":
             return self.final
-        periods = schedule.projection_periods
-        reduction = self.reduction
-        if reduction is None:
-            reduction = math.ceil((self.max_bits - self.final) / (periods - 1)) if periods > 1 else 0
-        return max(self.final, self.max_bits - schedule.projection_period(step) * reduction)
+        return self.period_upper(schedule.projection_period(step), schedule.projection_periods)
+
+    def period_upper(self, period: int, periods: int) -> int:
+        """``b_u`` in projection period ``period`` (0-based) of ``periods``.
+
+        The last period always projects onto ``final``, so the joint stage starts from the range
+        the projection ended in (no jump); before it ``b_u`` drops by ``reduction`` a period, or,
+        with ``reduction`` None, by the even share of ``max_bits - final`` (rounded up), never
+        below ``final``.
+        """
+        if period >= periods - 1:
+            return self.final
+        drop = self.max_bits - self.final
+        if self.reduction is None:
+            taken = -(-period * drop // (periods - 1))  # ceil(period * drop / (periods - 1))
+        else:
+            taken = period * self.reduction
+        return max(self.final, self.max_bits - taken)
 
 
 @dataclass
@@ -195,14 +226,17 @@ class QassoConfig:
 
 
 class QassoState(nn.Module):
-    """The optimizer step, redundant (this period) and pruned channels over all groups, as buffers
-    (so the model's checkpoint carries them)."""
+    """The optimizer step, redundant (this period) and pruned channels over all groups, and the bit
+    widths frozen before the budget wall (one per learned quantizer, in
+    :func:`learned_quantizers` order; 0 until the freeze), as buffers (so the model's checkpoint
+    carries them)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, quantizers: int) -> None:
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("redundant", torch.zeros(channels, dtype=torch.bool))
         self.register_buffer("pruned", torch.zeros(channels, dtype=torch.bool))
+        self.register_buffer("searched_bits", torch.zeros(quantizers, dtype=torch.long))
 
 
 # ---- saliency ------------------------------------------------------------------------
@@ -650,6 +684,7 @@ class Qasso(torch.optim.Optimizer):
         quantizers = list(learned_quantizers(self.model).values())
         for quantizer in quantizers:
             quantizer.freeze()
+        self.qstate.searched_bits.copy_(torch.tensor([int(q.frozen_bits) for q in quantizers]))
         if self.relative_cost is None or self.target is None:
             return
         while self.relative_cost(self.model, None) > self.target:
@@ -688,7 +723,8 @@ class QassoHooks(TrainHooks):
         self.optimizer: Qasso | None = None
 
     def attach(self, model: nn.Module) -> None:
-        model.add_module(STATE_NAME, QassoState(sum(g.size for g in self.groups)).to(module_device(model)))
+        state = QassoState(sum(g.size for g in self.groups), len(learned_quantizers(model)))
+        model.add_module(STATE_NAME, state.to(module_device(model)))
         modules = dict(model.named_modules())
         for group in self.groups:
             for coupled in group.norms:
@@ -701,6 +737,14 @@ class QassoHooks(TrainHooks):
 
     def state(self, model: nn.Module) -> QassoState:
         return getattr(model, STATE_NAME)
+
+    def searched_bits(self, model: nn.Module) -> dict[str, int]:
+        """Every learned quantizer's bit width as the search froze it, before the budget wall
+        (by quantizer name, e.g. ``conv1.weight_quantizer``); call after the freeze, before :meth:`detach`."""
+        bits = self.state(model).searched_bits.tolist()
+        if not all(bits):
+            raise RuntimeError("QASSO has not frozen the bit widths yet: no searched bit widths to read")
+        return dict(zip(learned_quantizers(model), bits))
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         quant = {id(p) for q in learned_quantizers(model).values() for p in q.parameters()}

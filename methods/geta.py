@@ -6,6 +6,7 @@ Training and Compression", CVPR 2025 (arXiv 2502.16638); code microsoft/geta.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -30,16 +31,25 @@ class Geta(Method):
     """GETA (Qu et al., CVPR 2025): QADG + QASSO -- structured pruning and learned bit widths in one training run.
 
     Every conv/linear gets GETA's learned quantizer (step d, range q_m, exponent t; 16 bits at
-    start; jpqbench/learned_quant.py) on its weight, and in ``weight_activation`` mode on its
-    input. The quantization-aware dependency graph (jpqbench/qadg.py, on torch-pruning) groups
+    start; jpqbench/learned_quant.py) on its weight and, in ``weight_activation`` mode (the
+    default), on its input. Weights and activations is how GETA's own CNN operating point ran
+    (upstream's VGG7 tutorial and README quick start: ``QuantizationMode.WEIGHT_AND_ACTIVATION``,
+    92.57 % at 0.41 % relative BOPs) and how every other method of the grid is counted; with
+    weights only, activations stay at 32 bits, so a 0.5-4.5 % BOPs budget can only be met by
+    pruning roughly 70-93 % of the channels at ``b_u = b_l`` and GETA loses its mixed precision
+    (upstream's library default, weights only, is kept as ``mode=weight``).
+
+    The quantization-aware dependency graph (jpqbench/qadg.py, on torch-pruning) groups
     coupled channels; the quantizers stay with their layers. QASSO (jpqbench/qasso.py), a
     torch optimizer, then takes every step of the harness's training loop for the run's whole
     epoch budget (the recipe's SGD with momentum or Adam as its first-order step): warm-up,
-    partial projection of d (b_u from ``max_bit_wt`` down by ``bit_reduction`` per period),
-    joint pruning (saliency-chosen redundant groups driven to exactly zero by the angle-based
-    step while d is chosen against the quantization residual), and a cool-down with frozen
-    bit widths. Stage lengths are fractions of the run's optimizer steps (upstream's VGG7
-    tutorial: projection over the first 20 %, pruning over the next 20 %, 5 periods each).
+    partial projection of d (b_u from ``max_bit_wt`` down to the derived ``b_u``, which the
+    last projection period reaches -- upstream's VGG7 tutorial: 16 down by 2 over 5 periods to
+    8, the joint stage's ``b_u``), joint pruning (saliency-chosen redundant groups driven to
+    exactly zero by the angle-based step while d is chosen against the quantization residual),
+    and a cool-down with frozen bit widths. Stage lengths are fractions of the run's optimizer
+    steps (upstream's VGG7 tutorial: projection over the first 20 %, pruning over the next
+    20 %, 5 periods each).
 
     How it meets the budget (the harness's counter throughout): before training, the bit
     range's upper end ``b_u`` is chosen. The pruned set is predicted with QASSO's own saliency
@@ -48,42 +58,75 @@ class Geta(Method):
     plan (all layers at ``b_u`` bits, activations at ``b_u`` in ``weight_activation`` mode,
     else 32) is within the target is found by bisection, and the largest ``b_u`` whose group
     sparsity is at most ``max_group_sparsity`` wins (if none is, the ``b_u`` that needs the
-    least pruning). During training the group sparsity is then re-derived at each pruning
-    period from the budget, the current scores and the current integer bit widths (the last
-    period takes exactly what is still needed), and a budget wall at the freeze takes back bits
-    that rose after that (widest quantizer first). ``target_group_sparsity`` fixes the sparsity
-    instead, as upstream (then only ``b_u`` is derived, at that sparsity).
+    least pruning: ``b_u = b_l``). Pricing every layer at ``b_u`` is what guarantees the bit
+    range is feasible whatever widths QASSO learns inside it; the price is that at the tightest
+    budgets (0.5 % and, for most models, 1 % of the FP32 BOPs) the range closes to
+    ``[b_l, b_l]``. During training the group sparsity is re-derived at each pruning period
+    from the budget, the current scores and the current integer bit widths (the last period
+    takes exactly what is still needed), so the search itself lands on the budget; bit widths
+    are frozen at the integer width the count used (one rule for count, freeze and plan:
+    jpqbench/learned_quant.py). A budget wall at the freeze then takes back bits that rose
+    after the last count (widest quantizer first); that wall is a projection onto the budget,
+    so the plan frozen before it goes back as ``Compressed.searched``. ``target_group_sparsity``
+    fixes the sparsity instead, as upstream (then only ``b_u`` is derived, at that sparsity).
+
+    Paper regime: GETA reports VGG7/CIFAR-10 at 0.41 % relative BOPs (its tutorial) and
+    ResNet-20/CIFAR-10 at 4.5 %, so the grid's 0.5-4.5 % points lie inside what it ran and the
+    10 % point is looser than both; no run is flagged ``outside_paper_regime``.
 
     ``group_divisible`` (upstream's, default 1) keeps every group's kept channels a multiple
     of it. Quantizers are per tensor, as upstream. Choices that differ from upstream (the full
     list is in jpqbench/qasso.py): the recipe's cosine schedule sets the learning rates
     (``lr_quant`` included); weight decay on conv/linear weights only, as for every method;
     activation quantizers are unsigned on post-ReLU inputs, initialised from calibration data
-    (upstream: from the weight's range) and projected like the weights; the start model's
+    (upstream: from the weight's range) and projected like the weights into ``[min_bit_act,
+    b_u]`` (upstream leaves activation bit widths unprojected); bit widths freeze at the
+    integer width their grid needs (upstream rounds the continuous width); the start model's
     saliency (for the budget derivation, before any step) uses raw gradients.
     """
 
     class Hparams(Method.Hparams):
-        mode: Literal["weight", "weight_activation"] = "weight"
-        nonlinear: bool = True  # learn the exponent t (upstream's default); False: t = 1
-        target_group_sparsity: float | None = Field(None, ge=0, lt=1)
-        max_group_sparsity: float = Field(0.5, gt=0, lt=1)
-        min_bit_wt: int = Field(4, ge=2, le=16)
-        max_bit_wt: int = Field(16, ge=2, le=16)
-        min_bit_act: int = Field(4, ge=2, le=16)
-        max_bit_act: int = Field(16, ge=2, le=16)
-        max_final_bit: int = Field(8, ge=2, le=16)
-        bit_reduction: int | None = Field(2, ge=1)
-        warmup_fraction: float = Field(0.0, ge=0, lt=1)
-        projection_fraction: float = Field(0.2, ge=0, lt=1)
-        pruning_fraction: float = Field(0.2, gt=0, lt=1)
-        projection_periods: int = Field(5, ge=1)
-        pruning_periods: int = Field(5, ge=1)
-        lr_quant: float = Field(1e-3, gt=0)
-        weight_ste_clip: float | None = Field(2.0, gt=0)
-        saliency: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SALIENCY))
-        calibration_batches: int = Field(4, ge=1)
-        group_divisible: int = Field(1, ge=1)
+        mode: Literal["weight", "weight_activation"] = Field(
+            "weight_activation", description="what is quantized: weights only, or weights and every conv/linear "
+            "input (upstream's VGG7 tutorial and README quick start: weights and activations)")
+        nonlinear: bool = Field(True, description="learn the quantizer's exponent t (upstream's default, "
+                                                  "SYMMETRIC_NONLINEAR); false: t = 1, the linear variant")
+        target_group_sparsity: float | None = Field(
+            None, ge=0, lt=1, description="fixed fraction of all grouped channels to prune (upstream's knob); "
+            "null: derived from the budget")
+        max_group_sparsity: float = Field(
+            0.5, gt=0, lt=1, description="largest fraction of grouped channels the b_u derivation plans to prune "
+            "before it gives up bits (fraction of channels; upstream's VGG7 target_group_sparsity)")
+        min_bit_wt: int = Field(4, ge=2, le=16, description="b_l of the weight quantizers (bits)")
+        max_bit_wt: int = Field(16, ge=2, le=16, description="b_u of the weight quantizers at the start of the "
+                                                            "projection (bits)")
+        min_bit_act: int = Field(4, ge=2, le=16, description="b_l of the input quantizers (bits)")
+        max_bit_act: int = Field(16, ge=2, le=16, description="b_u of the input quantizers at the start of the "
+                                                             "projection (bits)")
+        max_final_bit: int = Field(8, ge=2, le=16, description="the widest b_u the budget derivation may choose "
+                                                               "for the joint stage (bits)")
+        bit_reduction: int | None = Field(
+            None, ge=1, description="bits b_u drops per projection period (bits); null: even steps from "
+            "max_bit_wt to the derived b_u, which the last period reaches either way")
+        warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of the run's optimizer steps before "
+                                                                    "the projection (fraction)")
+        projection_fraction: float = Field(0.2, ge=0, lt=1, description="share of the run's optimizer steps in "
+                                                                        "the projection stage (fraction)")
+        pruning_fraction: float = Field(0.2, gt=0, lt=1, description="share of the run's optimizer steps in the "
+                                                                     "joint pruning stage (fraction)")
+        projection_periods: int = Field(5, ge=1, description="periods of the projection stage (count)")
+        pruning_periods: int = Field(5, ge=1, description="periods of the joint pruning stage (count)")
+        lr_quant: float = Field(1e-3, gt=0, description="peak learning rate of the quantizer parameters d, q_m, "
+                                                        "t (follows the run's cosine schedule)")
+        weight_ste_clip: float | None = Field(
+            2.0, gt=0, description="weights pass straight-through gradients where |w| <= this (weight units); "
+            "null: where |w| <= q_m")
+        saliency: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SALIENCY),
+                                           description="weights of QASSO's saliency criteria (unitless)")
+        calibration_batches: int = Field(4, ge=1, description="training batches for the input quantizers' "
+                                                              "ranges and the start saliency (count)")
+        group_divisible: int = Field(1, ge=1, description="kept channels per group are a multiple of this "
+                                                          "(channels)")
 
         @model_validator(mode="after")
         def _consistent(self) -> "Geta.Hparams":
@@ -100,15 +143,7 @@ class Geta(Method):
     def compress(self, model: nn.Module, budget: Budget, ctx: RunContext) -> Compressed:
         hp = self.hp
         activations = hp.mode == "weight_activation"
-        # costs depend on shapes and the plan only: count them on a plain CPU copy, which is cheaper
-        # to copy (no quantizers, hooks or gradients) in the counter's probe, whatever the model's device
-        skeleton = cpu_copy(model)
-        install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
-                                   init_bits=16, weight_ste_clip=hp.weight_ste_clip)
-        if activations:
-            calibrate_inputs(model, ctx.calibration_batches(hp.calibration_batches))
-        groups = build_groups(model, ctx.input_shape)
-        score = _start_saliency(model, groups, ctx, hp.calibration_batches, hp.saliency)
+        skeleton, groups, score = self._prepare(model, ctx)
         count, bits = self._derive(skeleton, groups, score, budget, ctx)
         channels = sum(g.size for g in groups)
 
@@ -130,6 +165,7 @@ class Geta(Method):
         hooks.attach(model)
         ctx.train(model, ctx.epochs, phase="geta", hooks=hooks, lr=ctx.recipe.finetune_lr)
         pruned = int(hooks.state(model).pruned.sum())
+        searched_bits = hooks.searched_bits(model)
         hooks.detach(model)
         bits_used = layer_bits(model)
         notes = {"group_sparsity": pruned / channels if channels else 0.0, "groups": len(groups),
@@ -138,7 +174,26 @@ class Geta(Method):
                  "mean_w_bits": sum(b["w"] for b in bits_used.values()) / len(bits_used)}
         if activations:
             notes["bit_range_a"] = [config.input_bits.low, bits]
-        return Compressed(model, plan_from_model(model, self.name, notes))
+        plan = plan_from_model(model, self.name, notes)
+        return Compressed(model, plan, searched=_with_bits(plan, searched_bits))
+
+    def _prepare(self, model: nn.Module, ctx: RunContext) -> tuple[nn.Module, list[PruningGroup], torch.Tensor]:
+        """Give ``model`` GETA's quantizers (input ones calibrated), group its channels (QADG) and
+        score them on the start model: (a plain copy of the start model, groups, channel scores).
+
+        Costs depend on shapes and the plan only, so they are counted on that plain CPU copy, which
+        is cheaper to copy (no quantizers, hooks or gradients) in the counter's probe, whatever the
+        model's device.
+        """
+        hp = self.hp
+        skeleton = cpu_copy(model)
+        activations = hp.mode == "weight_activation"
+        install_learned_quantizers(model, weights=True, activations=activations, learn_exponent=hp.nonlinear,
+                                   init_bits=16, weight_ste_clip=hp.weight_ste_clip)
+        if activations:
+            calibrate_inputs(model, ctx.calibration_batches(hp.calibration_batches))
+        groups = build_groups(model, ctx.input_shape)
+        return skeleton, groups, _start_saliency(model, groups, ctx, hp.calibration_batches, hp.saliency)
 
     def _derive(self, skeleton: nn.Module, groups: list[PruningGroup], score: torch.Tensor, budget: Budget,
                 ctx: RunContext) -> tuple[int, int]:
@@ -157,10 +212,13 @@ class Geta(Method):
             a_bits = bits if hp.mode == "weight_activation" else FLOAT_BITS
             return ctx.cost(skeleton, with_uniform_bits(with_pruned(dense, layers), bits, a_bits)).relative(budget.metric)
 
-        def smallest_count(bits: int) -> int | None:
-            if cost(max_count, bits) > budget.target:
-                return None
-            low, high = -1, max_count  # cost(high) fits; cost(low) does not (or low = -1)
+        def smallest_count(bits: int, fits: int | None = None) -> int | None:
+            """The fewest channels to prune at ``bits``; ``fits``: a count already known to fit."""
+            if fits is None:
+                if cost(max_count, bits) > budget.target:
+                    return None
+                fits = max_count
+            low, high = -1, fits  # cost(high) fits; cost(low) does not (or low = -1)
             while high - low > 1:
                 mid = (low + high) // 2
                 if cost(mid, bits) <= budget.target:
@@ -186,15 +244,25 @@ class Geta(Method):
         preferred = min(int(hp.max_group_sparsity * channels), max_count)
         for bits in candidates:  # the widest b_u at which max_group_sparsity suffices
             if cost(preferred, bits) <= budget.target:
-                return smallest_count(bits), bits
+                return smallest_count(bits, preferred), bits
         # none: the narrowest b_u, which needs the least pruning (fewer bits never need more)
         count = smallest_count(hp.min_bit_wt)
         if count is None:
             raise UserError(f"GETA cannot reach budget {budget.target}: pruning all but {hp.group_divisible} "
                             f"channel(s) per group at {hp.min_bit_wt} bits still costs "
                             f"{cost(max_count, hp.min_bit_wt):.4f}",
-                            "choose a larger budget, lower min_bit_wt or group_divisible, or mode=weight_activation")
+                            "choose a larger budget, lower min_bit_wt or group_divisible"
+                            + (", or mode=weight_activation" if hp.mode == "weight" else ""))
         return count, hp.min_bit_wt
+
+
+def _with_bits(plan: CompressionPlan, bits: dict[str, int]) -> CompressionPlan:
+    """``plan`` with every layer's weight and input bit widths taken from ``bits`` (by quantizer
+    name, :meth:`QassoHooks.searched_bits`): the plan the search reached before the budget wall."""
+    layers = {name: replace(layer, w_bits=bits.get(f"{name}.weight_quantizer", layer.w_bits),
+                            a_bits=bits.get(f"{name}.input_quantizer", layer.a_bits))
+              for name, layer in plan.layers.items()}
+    return CompressionPlan(layers, plan.method, dict(plan.notes))
 
 
 def _relative_cost(ctx: RunContext, skeleton: nn.Module, model: nn.Module, pruned: dict[str, list[int]] | None,

@@ -1,10 +1,13 @@
 """GETA: the quantization-aware dependency graph on every zoo model, QASSO's stage properties
-(bit ranges, frozen integer bit widths, exact group sparsity, physically removable zeros) and
-a full `jpqbench run --method geta` that meets its budget."""
+(bit ranges, frozen integer bit widths, exact group sparsity, physically removable zeros), the
+budget derivation on the papers' grid at real input sizes, and a full `jpqbench run --method
+geta` that meets its budget."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,24 +18,28 @@ from torch.utils.data import TensorDataset
 
 from conftest import DigitsWorkspace
 from jpqbench.cli import main
-from jpqbench.config import TrainRecipe
+from jpqbench.config import TrainRecipe, load_config
+from jpqbench.cost import count
 from jpqbench.data import DataBundle
 from jpqbench.errors import UserError
 from jpqbench.layers import compressible_layers
-from jpqbench.learned_quant import LearnedQuantizer, calibrate_inputs, install_learned_quantizers, learned_quantizers
-from jpqbench.methods_api import Budget, RunContext, get_method
+from jpqbench.learned_quant import (LearnedQuantizer, calibrate_inputs, freeze_all, install_learned_quantizers,
+                                    learned_quantizers)
+from jpqbench.methods_api import Budget, RunContext, get_method, make_method
+from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned, with_uniform_bits
 from jpqbench.prune import classifier_name
 from jpqbench.qadg import PruningGroup, build_groups
 from jpqbench.qasso import (BitSchedule, Qasso, QassoConfig, QassoHooks, Schedule, apply_pruning, prunable_channels,
-                            select_lowest)
+                            pruned_rows, select_lowest)
 from jpqbench.train import TrainHooks, TrainSpec
-from jpqbench.registry import MODELS
+from jpqbench.registry import DATASETS, MODELS
 
-# small inputs: graph construction does not depend on the resolution
-SHAPES = {"resnet8": (3, 16, 16), "resnet20": (3, 16, 16), "resnet56": (3, 16, 16), "vgg7": (3, 16, 16),
-          "digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet18_64": (3, 32, 32), "resnet18": (3, 32, 32),
-          "mobilenet_v2": (3, 32, 32), "resnet50": (3, 32, 32)}
-TORCHVISION = {"resnet18", "resnet18_64", "mobilenet_v2", "resnet50"}  # ~1.5-4 s each
+# every zoo model at its real input size (CIFAR 32x32, MFCC 49x10, Tiny ImageNet 64x64, ImageNet 224x224)
+SHAPES = {"resnet8": (3, 32, 32), "resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "vgg7": (3, 32, 32),
+          "digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet18_64": (3, 64, 64), "resnet18": (3, 224, 224),
+          "mobilenet_v2": (3, 224, 224), "resnet50": (3, 224, 224)}
+TORCHVISION = {"resnet18", "resnet18_64", "mobilenet_v2", "resnet50"}  # a few seconds each
+PAPER_GRID = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
 
 
 def _zoo_params() -> list:
@@ -76,7 +83,8 @@ def _physically_pruned(model: nn.Module, groups: list[PruningGroup], zero: torch
         if hasattr(module, "channel_mask"):
             module._forward_hooks.clear()
             del module.channel_mask
-    graph = tp.DependencyGraph().build_dependency(plain, torch.ones(1, *shape))
+    dtype = next(plain.parameters()).dtype
+    graph = tp.DependencyGraph().build_dependency(plain, torch.ones(1, *shape, dtype=dtype))
     modules = dict(plain.named_modules())
     offset = 0
     for group in groups:
@@ -95,8 +103,12 @@ def test_qadg_groups_every_zoo_model_and_zero_groups_are_removable(name: str) ->
     model = MODELS.get(name)(10, shape).eval()
     install_learned_quantizers(model, weights=True, activations=True)
     calibrate_inputs(model, [torch.randn(2, *shape)])
-    quantizer_state = {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k}
     groups = build_groups(model, shape)
+    # float64 from here: removing channels reorders float sums, and in float32 that moves enough
+    # activations of a 224x224 ResNet-50 across a rounding boundary of their (16-bit) input
+    # quantizers to blur the comparison below; in float64 the reordering is far below one level
+    model.double()
+    quantizer_state = {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k}
 
     # every conv/linear output except the classifier's is in exactly one group; only conv/linear/BN rows
     writers = [c.module for g in groups for c in g.layers]
@@ -112,14 +124,14 @@ def test_qadg_groups_every_zoo_model_and_zero_groups_are_removable(name: str) ->
     with torch.no_grad():
         apply_pruning(modules, groups, chosen)
     assert torch.equal(_channel_is_zero(model, groups), chosen)
-    x = torch.randn(2, *shape)
+    x = torch.randn(2, *shape, dtype=torch.float64)
     physical = _physically_pruned(model, groups, chosen, shape)
     with torch.no_grad():
         expected, got = model(x), physical(x)
     assert sum(p.numel() for p in physical.parameters()) < sum(p.numel() for p in model.parameters())
-    # not bit-exact: removing channels reorders float sums, which can move an activation across a
-    # rounding boundary of its (16-bit) input quantizer -- one level, far below a structural error
-    assert torch.allclose(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    # not bit-exact: the reordered sums can still, rarely, move an activation across a rounding
+    # boundary -- one 16-bit level, far below a structural error
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     # the quantizers travel with their layers: not one of their parameters or buffers changed
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in quantizer_state.items())
@@ -181,7 +193,8 @@ def test_schedule_stages_and_upper_bits(qasso_run) -> None:
     _, _, schedule, config, hooks, _ = qasso_run
     assert (schedule.projection_start, schedule.pruning_start, schedule.cooldown_start) == (4, 16, 28)
     uppers = [config.weight_bits.upper(schedule, s) for s in range(schedule.projection_start, schedule.pruning_start)]
-    assert uppers[0] == 12 and uppers[-1] == 8 and uppers == sorted(uppers, reverse=True)  # 12, 10, 8
+    # 12, 10, then the joint stage's 6 in the last period (bit_reduction 2 would reach 8 there)
+    assert uppers[0] == 12 and uppers[-1] == 6 and uppers == sorted(uppers, reverse=True)
     assert config.weight_bits.upper(schedule, schedule.pruning_start) == 6  # the final range in the joint stage
     assert [s for s, *_ in hooks.log] == list(range(40))
 
@@ -263,6 +276,12 @@ def test_same_seed_same_compressed_model(tmp_path: Path) -> None:
         ctx = _tiny_ctx(tmp_path / run, epochs=2, n=128)
         compressed = get_method("geta")().compress(model, Budget("bops", 0.05), ctx)
         assert ctx.cost(compressed.model, compressed.plan).relative_bops <= 0.05 * 1.10
+        # the plan before the budget wall: the same pruning, bit widths that the wall can only have lowered
+        searched = compressed.searched
+        assert searched is not None and set(searched.layers) == set(compressed.plan.layers)
+        for name, layer in compressed.plan.layers.items():
+            assert searched.layers[name].pruned == layer.pruned
+            assert searched.layers[name].w_bits >= layer.w_bits and searched.layers[name].a_bits >= layer.a_bits
         states.append((compressed.model.state_dict(), compressed.plan.to_dict()))
     assert states[0][1] == states[1][1]
     assert all(torch.equal(states[0][0][k], states[1][0][k]) for k in states[0][0])
@@ -270,16 +289,18 @@ def test_same_seed_same_compressed_model(tmp_path: Path) -> None:
 
 def test_budget_mode_prunes_just_enough(tmp_path: Path) -> None:
     """Without a fixed group sparsity, the last pruning period takes exactly what the budget still
-    needs at the current bit widths: with the bit range pinned at 4 bits the pruned model lands
-    within one channel's cost under the target, not far below it."""
+    needs at the current bit widths: with the bit ranges pinned at 4 bits (weights and inputs,
+    1.6 % of the FP32 BOPs before pruning) the pruned model lands within one channel's cost under
+    the 1 % target, not far below it."""
     torch.manual_seed(0)
     model = MODELS.get("digits_cnn")(4, (1, 8, 8))
     ctx = _tiny_ctx(tmp_path, epochs=3, n=128)
-    compressed = get_method("geta")(min_bit_wt=4, max_final_bit=4).compress(model, Budget("bops", 0.05), ctx)
+    compressed = get_method("geta")(min_bit_wt=4, max_final_bit=4).compress(model, Budget("bops", 0.01), ctx)
     plan = compressed.plan
     assert {layer.w_bits for layer in plan.layers.values()} == {4}
+    assert {layer.a_bits for layer in plan.layers.values()} == {4}
     cost = ctx.cost(compressed.model, plan).relative_bops
-    assert 0.05 * 0.9 < cost <= 0.05
+    assert 0.01 * 0.9 < cost <= 0.01
     assert 0 < plan.notes["group_sparsity"] < 1
 
 
@@ -564,7 +585,7 @@ def test_make_optimizer_hook_supplies_the_optimizer_that_steps(tmp_path: Path) -
 # ---- end to end through the CLI ------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["geta", "geta[mode=weight_activation,nonlinear=false]"])
+@pytest.mark.parametrize("spec", ["geta", "geta[mode=weight,nonlinear=false]"])
 def test_jpqbench_run_geta_meets_its_budget(spec: str, digits_workspace: DigitsWorkspace, tmp_path: Path,
                                            no_env_tracking_uri) -> None:
     out = tmp_path / "run"
@@ -575,13 +596,142 @@ def test_jpqbench_run_geta_meets_its_budget(spec: str, digits_workspace: DigitsW
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["target_met"] is True
     assert metrics["relative_bops"] <= budget * 1.10
+    assert metrics["searched_relative_bops"] >= metrics["relative_bops"]  # the wall only takes bits back
     plan = json.loads((out / "plan.json").read_text())
     notes = plan["notes"]
     assert notes["pruned_channels"] > 0 and 0 < notes["group_sparsity"] < 1
     low, high = notes["bit_range_w"]
     assert all(low <= layer["w_bits"] <= high for layer in plan["layers"].values())
-    if "weight_activation" in spec:
+    if "mode=weight" not in spec:  # the default: weights and activations
         low, high = notes["bit_range_a"]
         assert all(low <= layer["a_bits"] <= high for layer in plan["layers"].values())
     else:
         assert all(layer["a_bits"] == 32 for layer in plan["layers"].values())
+
+
+# ---- the paper's operating points: derivation, projection schedule, integer bits ----------------
+
+def _paper_points() -> list:
+    """(dataset, model, budget) of every benchmark of config/paper.yaml at each of its budgets."""
+    slow = {"tiny_imagenet", "imagenet"}  # 64x64 and 224x224 torchvision models: seconds per budget
+    return [pytest.param(dataset, model, budget, marks=[pytest.mark.slow] if dataset in slow else [])
+            for dataset, model in PAPER_GRID.benchmarks() for budget in PAPER_GRID.budgets_of(dataset)]
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_setup(dataset: str, model_name: str):
+    """geta as paper.yaml configures it for (dataset, model), prepared (quantizers, QADG groups, start
+    saliency from one batch of two synthetic samples) on the zoo model at the dataset's real input size."""
+    spec = DATASETS.get(dataset)
+    shape, classes = tuple(spec.input_shape), spec.num_classes
+    gen = torch.Generator().manual_seed(0)
+    split = TensorDataset(torch.randn(2, *shape, generator=gen), torch.randint(0, classes, (2,), generator=gen))
+    recipe = PAPER_GRID.recipe(dataset, model_name)
+    ctx = RunContext(data=DataBundle(dataset, split, split, split, classes, shape, model_name), recipe=recipe,
+                     epochs=recipe.epochs, seed=0, work_dir=Path(tempfile.gettempdir()))
+    geta = make_method("geta", PAPER_GRID.method_params_of(dataset, model_name))
+    torch.manual_seed(0)
+    skeleton, groups, score = geta._prepare(MODELS.get(model_name)(classes, shape), ctx)
+    return geta, ctx, skeleton, groups, score
+
+
+@pytest.mark.parametrize("dataset, model_name, budget", _paper_points())
+def test_derived_bit_range_at_the_paper_budgets_quantizes_activations(dataset: str, model_name: str,
+                                                                      budget: float) -> None:
+    """On the papers' grid GETA prices weights *and* activations at b_u: the derived pruning at
+    (b_u, b_u) bits is within the budget and one channel fewer is not (so the derivation counted
+    activations at b_u, not at 32 bits); b_u is the widest bit width in [b_l, 8] at which
+    max_group_sparsity suffices, and only where none does (b_u = b_l) may it prune more."""
+    geta, ctx, skeleton, groups, score = _paper_setup(dataset, model_name)
+    hp = geta.hp
+    assert hp.mode == "weight_activation"
+    n_pruned, bits = geta._derive(skeleton, groups, score, Budget("bops", budget), ctx)
+    assert hp.min_bit_wt <= bits <= min(hp.max_final_bit, 8)
+    channels = sum(g.size for g in groups)
+    none = torch.zeros(channels, dtype=torch.bool)
+
+    def cost(pruned: int, b: int) -> float:
+        layers, _ = pruned_rows(groups, select_lowest(score, groups, none, pruned, hp.group_divisible))
+        plan = with_uniform_bits(with_pruned(CompressionPlan.dense(skeleton), layers), b, b)
+        return ctx.cost(skeleton, plan).relative_bops
+
+    assert cost(n_pruned, bits) <= budget
+    if n_pruned:
+        assert cost(n_pruned - 1, bits) > budget
+    preferred = min(int(hp.max_group_sparsity * channels), prunable_channels(groups, hp.group_divisible))
+    if bits > hp.min_bit_wt:
+        assert n_pruned <= preferred
+    if bits < hp.max_final_bit:
+        assert cost(preferred, bits + 1) > budget  # one bit more would need more than max_group_sparsity
+
+
+@pytest.mark.parametrize("final", range(4, 9))
+def test_projection_ends_at_the_derived_b_u(final: int) -> None:
+    """b_u starts at max_bit_wt, never rises, and the last projection period projects onto the
+    derived b_u -- the joint stage's -- whatever bit_reduction is; unset, the steps are even (at
+    most one bit apart), which for b_u = 8 is upstream's VGG7 tutorial: 16, 14, 12, 10, 8."""
+    schedule = Schedule.from_fractions(1000, warmup=0.0, projection=0.2, pruning=0.2, projection_periods=5,
+                                       pruning_periods=5)
+    for reduction in (None, 1, 2, 5):
+        bits = BitSchedule(4, 16, final, reduction)
+        uppers = [bits.upper(schedule, s) for s in range(schedule.projection_start, schedule.pruning_start)]
+        assert uppers[0] == 16 and uppers == sorted(uppers, reverse=True)
+        last_period = schedule.projection_start + (schedule.projection_periods - 1) * schedule.projection_len
+        assert set(uppers[last_period - schedule.projection_start:]) == {final}, reduction
+        assert bits.upper(schedule, schedule.pruning_start) == final  # no jump into the joint stage
+    even = [BitSchedule(4, 16, final).period_upper(p, 5) for p in range(5)]
+    drops = [a - b for a, b in zip(even, even[1:])]
+    assert max(drops) - min(drops) <= 1 and even[-1] == final
+    assert [BitSchedule(4, 16, 8).period_upper(p, 5) for p in range(5)] == [16, 14, 12, 10, 8]
+
+
+def test_count_and_freeze_use_one_integer_bit_rule_on_vgg7() -> None:
+    """VGG7 at 32x32, weights and inputs quantized, each quantizer at a fractional width that rounds
+    down (7.3, 4.4, 6.02) or up (7.6, 5.7) or is whole: the integer width counted before the freeze
+    is the frozen one (7.3 bits is counted and frozen at 8), the counted cost does not move, and
+    the frozen model's plan passes the harness's plan checker (no output channel or input takes
+    more than 2**bits values)."""
+    torch.manual_seed(0)
+    shape = SHAPES["vgg7"]
+    model = MODELS.get("vgg7")(10, shape).eval()
+    install_learned_quantizers(model, weights=True, activations=True)
+    batch = torch.randn(2, *shape)
+    calibrate_inputs(model, [batch])
+    widths = (7.3, 7.6, 4.4, 5.7, 6.02, 8.0, 4.0)
+    quantizers = learned_quantizers(model)
+    for index, quantizer in enumerate(quantizers.values()):
+        with torch.no_grad():
+            quantizer.d.copy_(quantizer.step_for_bits(widths[index % len(widths)]))
+    counted = {name: q.bits for name, q in quantizers.items()}
+    assert next(iter(counted.values())) == 8  # the first weight quantizer, at 7.3 bits: 157 values need 8
+    before = plan_from_model(model, "geta")
+    verify_plan(before, model, batch)
+    freeze_all(model)
+    assert {name: int(q.frozen_bits) for name, q in quantizers.items()} == counted
+    assert {name: q.bits for name, q in quantizers.items()} == counted
+    plan = plan_from_model(model, "geta")
+    assert plan.to_dict() == before.to_dict()
+    assert count(model, shape, plan).relative_bops == count(model, shape, before).relative_bops
+    verify_plan(plan, model, batch)
+
+
+def test_bit_widths_frozen_before_the_budget_wall_are_the_searched_ones() -> None:
+    """QASSO freezes each quantizer at the width it counted, keeps those as the searched bit widths,
+    and only then lets the budget wall take bits back (widest first) until the cost fits."""
+    schedule = Schedule.from_fractions(20, warmup=0.0, projection=0.2, pruning=0.5, projection_periods=1,
+                                       pruning_periods=1)
+    model, _, hooks = _tiny_qasso(schedule)
+    qasso = hooks.optimizer
+    quantizers = learned_quantizers(model)
+    for index, quantizer in enumerate(quantizers.values()):
+        with torch.no_grad():
+            quantizer.d.copy_(quantizer.step_for_bits(5.3 + index))  # 5.3, 6.3, 7.3: counted 6, 7, 8
+    counted = {name: q.bits for name, q in quantizers.items()}
+    assert sorted(counted.values()) == [6, 7, 8]
+    with pytest.raises(RuntimeError, match="not frozen"):
+        hooks.searched_bits(model)
+    qasso.relative_cost = lambda m, rows: sum(q.bits for q in learned_quantizers(m).values())  # a toy cost
+    qasso.target = sum(counted.values()) - 2
+    qasso._freeze()
+    assert hooks.searched_bits(model) == counted
+    assert sorted(q.bits for q in quantizers.values()) == [6, 6, 7]  # the wall: 8 -> 7, then 7 -> 6

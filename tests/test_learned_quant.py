@@ -142,18 +142,21 @@ def test_projection_clamps_the_bit_width_into_the_range() -> None:
 
 
 def test_freeze_keeps_the_integer_bit_width_while_q_m_and_t_train() -> None:
+    """A 4.4-bit grid has 21 values, so it needs (and is counted at) 5 bits: freezing keeps those 5
+    bits -- the one integer-bit rule -- and they hold while q_m and t keep training."""
     q = _quantizer(True, d=0.1, q_m=1.0, t=1.0)
     with torch.no_grad():
         q.d.copy_(q.step_for_bits(4.4))
+    assert q.bits == 5
     q.freeze()
-    assert q.frozen and q.bits == 4
+    assert q.frozen and q.bits == 5
     opt = torch.optim.SGD([q.q_m, q.t], lr=0.05)
     x = torch.randn(200, dtype=torch.float64) * 2
     for _ in range(5):
         opt.zero_grad()
         ((q(x) - 0.3 * x) ** 2).mean().backward()
         opt.step()
-        assert q.bit_width().item() == pytest.approx(4.0, abs=1e-9) and q.bits == 4
+        assert q.bit_width().item() == pytest.approx(5.0, abs=1e-9) and q.bits == 5
     assert q.q_m.item() != 1.0
 
 
