@@ -21,9 +21,10 @@ class _Sequential(Method):
     order: ClassVar[Literal["pq", "qp"]]
 
     class Hparams(Method.Hparams):
-        bits: int = Field(8, ge=2, le=16)
-        prune_fraction: float = Field(0.5, gt=0, lt=1)
-        calibration_batches: int = Field(8, ge=1)
+        bits: int = Field(8, ge=2, le=16, description="uniform weight and activation bits of the quantization stage")
+        prune_fraction: float = Field(0.5, gt=0, lt=1, description="share of the run's epochs that follow the "
+                                                                   "pruning stage (the rest follow quantization)")
+        calibration_batches: int = Field(8, ge=1, description="training batches that initialise the LSQ steps")
 
     def compress(self, model, budget: Budget, ctx: RunContext) -> Compressed:
         notes = run_sequential(model, budget, ctx, self.order, self.hp.bits, self.hp.prune_fraction,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from jpqbench.methods_api import Budget, Compressed, Method, RunContext
 from jpqbench.plan import CompressionPlan, plan_from_model, with_uniform_bits
 from jpqbench.registry import register_method
@@ -19,7 +21,7 @@ class _Uniform(Method):
     learn_step: ClassVar[bool]
 
     class Hparams(Method.Hparams):
-        calibration_batches: int = 8
+        calibration_batches: int = Field(8, ge=1, description="training batches of min/max calibration")
 
     def compress(self, model, budget: Budget, ctx: RunContext) -> Compressed:
         dense = CompressionPlan.dense(model)

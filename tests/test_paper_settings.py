@@ -10,7 +10,7 @@ ledger row fails here.
 Ledger format: one ``## <method>`` section (``## recipe`` for the training recipe) holding a
 Markdown table whose columns are setting | scope | value in paper.yaml | paper / upstream value |
 source | why it differs. ``scope`` is ``all``, a dataset or ``dataset/model``; the most specific
-row wins. ``variant`` as the value means the key is set by the method variants in paper.yaml's
+row wins. The value may be written in backticks; ``variant`` as the value means the key is set by the method variants in paper.yaml's
 ``methods`` list (e.g. ``noncomm[order=pq,acts=true]``).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def read_ledger(path: Path = LEDGER) -> list[Row]:
             continue
         if not line.startswith("|") or section is None:
             continue
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # `\|` is a literal pipe
         if cells == COLUMNS:
             header_ok = True
             continue
@@ -63,7 +63,13 @@ def read_ledger(path: Path = LEDGER) -> list[Row]:
         setting = re.fullmatch(r"`([a-z_0-9]+)`", cells[0])
         assert setting, f"{path.name}:{number}: the setting {cells[0]!r} is not a `name`"
         assert cells[4], f"{path.name}:{number}: the row names no source"
-        rows.append(Row(section, setting.group(1), cells[1], cells[2], cells[4], number))
+        value = cells[2].strip("`")  # a value may be written as code
+        if value != "variant":
+            try:
+                yaml.safe_load(value)
+            except yaml.YAMLError:
+                pytest.fail(f"{path.name}:{number}: the value {cells[2]!r} is not YAML")
+        rows.append(Row(section, setting.group(1), cells[1], value, cells[4], number))
     return rows
 
 

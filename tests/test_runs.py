@@ -27,8 +27,9 @@ RUN_NAME = "digits/digits_cnn/prune_then_quantize/bops-0.05/s0"
 # what may differ between two runs of the same seed: timings and bookkeeping (the commit can move
 # while the test session runs), never a result
 VOLATILE = {"mlflow_run_id", "git_commit"}
-# the methods whose search ends in a projection onto the budget (they save searched_plan.json)
-PROJECTING = {"cwmpq", "djpq"}
+# the methods whose search ends in a projection onto the budget -- a greedy fit (cwmpq, djpq), a
+# budget wall (ajpq; geta at its freeze) -- and so save searched_plan.json
+PROJECTING = {"ajpq", "cwmpq", "djpq", "geta"}
 
 
 def _argv(ws: DigitsWorkspace, method: str, out: Path, config: Path | None = None, epochs: int = EPOCHS) -> list[str]:
