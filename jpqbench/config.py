@@ -200,23 +200,26 @@ def _format_errors(error: ValidationError, source: str) -> str:
 def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchConfig:
     """Validate a raw mapping (as Snakemake's ``config``) and check names against the registries."""
     from jpqbench.methods_api import make_method, parse_method_spec
-    from jpqbench.registry import DATASETS, MODELS
+    from jpqbench.registry import DATASETS, METHODS, MODELS
 
     try:
         config = BenchConfig.model_validate(raw)
     except ValidationError as error:
         raise UserError(_format_errors(error, source),
                         "correct the keys above; the schema is jpqbench/config.py (BenchConfig)") from None
-    names = {parse_method_spec(spec)[0] for spec in config.methods}
+    # method_params may also hold a registered method that is not in `methods`: `jpqbench run
+    # --method NAME` runs any registered method with this config (by hand, or a smoke-scale test)
     for where, params in config.method_params_sources():
         for method in params:
-            if method not in names:
-                raise UserError(f"invalid config {source}: {where}.{method} names a method not in `methods`",
-                                f"add {method!r} to `methods` or remove its parameters")
+            try:
+                METHODS.get(method)
+            except UserError as error:
+                raise UserError(f"invalid config {source}: {where}.{method}: {error.problem}", error.fix) from None
+    specs = [*config.methods, *{method for _, params in config.method_params_sources() for method in params}]
     for dataset, model in config.benchmarks():
         DATASETS.get(dataset)
         MODELS.get(model)
-        for spec in config.methods:  # unknown name or bad hyperparameter, for any benchmark: an error here
+        for spec in specs:  # a bad hyperparameter, for any benchmark: an error here
             try:
                 make_method(spec, config.method_params_of(dataset, model))
             except UserError as error:

@@ -16,9 +16,14 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
+# ajpq's defaults are HAQ's search (600 episodes, a 10,000-sample reward): the tests' runs search at
+# smoke scale, as config/config.yaml does, so that `jpqbench run --method ajpq` takes seconds
+AJPQ_SMOKE = "{episodes: 6, warmup_episodes: 2, reward_train_samples: 128, reward_val_samples: 192}"
+
+
 def write_config(path: Path, root: Path, *, data_root: Path | None = None, experiment: str = "t",
                  results_root: Path | None = None, extra: str = "") -> Path:
-    """A tiny digits config (1 pretraining epoch, 1 compression epoch, 3 steps per epoch)."""
+    """A tiny digits config (1 pretraining epoch, 1 compression epoch, 3 steps per epoch; ajpq at smoke scale)."""
     path.write_text(
         f"experiment: {experiment}\n"
         f"tracking_uri: sqlite:///{root / 'mlflow.db'}\n"
@@ -28,7 +33,8 @@ def write_config(path: Path, root: Path, *, data_root: Path | None = None, exper
         "budgets: [0.05]\n"
         "methods: [fp32, ptq]\n"
         "datasets: {digits: {models: {digits_cnn: {}}, pretrain_epochs: 1, epochs: 1, batch_size: 64, lr: 0.05,"
-        " finetune_lr: 0.01, max_steps_per_epoch: 3}}\n" + extra)
+        " finetune_lr: 0.01, max_steps_per_epoch: 3}}\n"
+        f"method_params: {{ajpq: {AJPQ_SMOKE}}}\n" + extra)
     return path
 
 
