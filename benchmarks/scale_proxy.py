@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jpqbench.config import load_config
+from jpqbench.config import MethodParams, TrainRecipe, load_config
 from jpqbench.cost import count
+from jpqbench.data import DataBundle
 from jpqbench.methods_api import Budget, RunContext, make_method
 from jpqbench.plan import CompressionPlan, verify_plan
 from jpqbench.registry import DATASETS
@@ -106,7 +107,7 @@ def layer_lines(plan: CompressionPlan) -> tuple[list[str], list[str]]:
     return lines, wiped
 
 
-def run_method(spec: str, dataset: str, model_name: str, data, recipe, params: dict, budget: Budget,
+def run_method(spec: str, data: DataBundle, recipe: TrainRecipe, params: MethodParams, budget: Budget,
                work: Path) -> tuple[bool, list[str]]:
     """Compress once; return (healthy, report lines)."""
     name = spec.partition("[")[0]
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             for spec in args.method or config.methods:
                 try:
-                    healthy, lines = run_method(spec, dataset, model_name, data, recipe, params, budget, Path(tmp))
+                    healthy, lines = run_method(spec, data, recipe, params, budget, root / "work")
                 except Exception:  # noqa: BLE001 -- a failing method is reported, and the others still run
                     healthy, lines = False, [f"  {spec}: FAILED", traceback.format_exc()]
                 ok &= healthy
