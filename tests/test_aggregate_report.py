@@ -21,8 +21,8 @@ from jpqbench.aggregate import COLUMNS, aggregate, read_summary
 from jpqbench.grid import GridPoint, budget_from_key
 from jpqbench.config import BenchConfig
 from jpqbench.errors import UserError
-from jpqbench.report import (FIGURES, PUBLISHED, PUBLISHED_COLUMNS, comparison_table, published_beside_ours,
-                             read_published, render)
+from jpqbench.report import (FIGURES, PUBLISHED, PUBLISHED_COLUMNS, comparison_table, outside_paper_regime,
+                             published_beside_ours, read_published, render)
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -149,6 +149,30 @@ def test_comparison_table_flags_a_missed_target(runs_root: Path, tmp_path: Path)
     assert not comparison_table(frame).loc[("digits", "digits_cnn", "qat", "bops", 0.05), "target_met"]
 
 
+def test_searched_cost_and_outside_regime_flags_reach_the_table_and_their_own_list(runs_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A method's pre-projection cost is averaged over the ok seeds and the flagged seeds are counted
+    and listed with the reason; runs recorded without these keys (older runs, fp32) leave them empty."""
+    qat = runs_root / "digits" / "digits_cnn" / "qat"
+    for seed, searched in ((0, 0.09), (1, 0.11)):
+        path = qat / "bops-0.05" / f"s{seed}" / "metrics.json"
+        record = json.loads(path.read_text())
+        reason = "uses 3 bits where the paper ran 8" if seed == 1 else None
+        path.write_text(json.dumps({**record, "searched_relative_bops": searched, "outside_paper_regime": reason}))
+    frame = aggregate(runs_root, tmp_path / "summary.csv", CONFIG)
+    pd.testing.assert_frame_equal(read_summary(tmp_path / "summary.csv"), frame)
+    assert frame["outside_paper_regime"].dtype == "string" and frame["searched_relative_bops"].dtype == "Float64"
+    table = comparison_table(frame)
+    row = table.loc[("digits", "digits_cnn", "qat", "bops", 0.05)]
+    assert row["searched_relative_bops"] == pytest.approx(0.10) and row["outside_paper_regime"] == 1
+    assert pd.isna(table.loc[("digits", "digits_cnn", "qat", "bops", 0.02), "searched_relative_bops"])
+    assert table["outside_paper_regime"].sum() == 1
+    flagged = outside_paper_regime(frame)
+    assert flagged.to_dict("records") == [{"dataset": "digits", "model": "digits_cnn", "method": "qat",
+                                           "budget_metric": "bops", "budget": 0.05,
+                                           "reason": "uses 3 bits where the paper ran 8", "seeds": 1}]
+
+
 @pytest.mark.slow
 def test_render_writes_the_html_report_tables_and_figures(runs_root: Path, tmp_path: Path) -> None:
     aggregate(runs_root, tmp_path / "summary.csv", CONFIG)
@@ -158,7 +182,8 @@ def test_render_writes_the_html_report_tables_and_figures(runs_root: Path, tmp_p
     assert "top1_mean_pct" in text and "92" in text  # the comparison table, rendered
     assert text.count("data:image/png;base64,") >= len(FIGURES)  # figures embedded, not linked
     assert "Published numbers, as reported" in text and "Qu et al., CVPR 2025" in text
-    for name in ("report.ipynb", "table.csv", "table.md", "published.csv", "published.md",
+    assert "Outside the papers' regimes" in text
+    for name in ("report.ipynb", "table.csv", "table.md", "published.csv", "published.md", "outside_paper_regime.csv",
                  *(f"{stem}.{suffix}" for stem in FIGURES for suffix in ("png", "svg"))):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     table = pd.read_csv(tmp_path / "report" / "table.csv")
