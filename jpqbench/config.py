@@ -40,6 +40,12 @@ class Recipe(_Strict):
     eval_every: int = Field(5, ge=1, description="validation accuracy every N epochs (and at each phase's end)")
     bn_recalibration_batches: int = Field(0, ge=0, description="after every method: re-estimate batch-norm "
                                                                "statistics on N training batches (0 = off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="compute precision of FP32 pretraining: bf16 = "
+                                                                   "autocast (weights, optimizer state and BN "
+                                                                   "statistics stay FP32); compression trains in it "
+                                                                   "only for a method that declares autocast support")
+    channels_last: bool = Field(False, description="channels-last memory layout of conv weights and 4-D inputs in "
+                                                   "pretraining (and where precision applies in compression)")
 
 
 class TrainRecipe(Recipe):

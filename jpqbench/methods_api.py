@@ -88,6 +88,7 @@ class RunContext:
     seed: int
     work_dir: Path
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
+    autocast: bool = False  # the method declares it may train under the recipe's precision (Method.autocast)
     epochs_used: int = 0
     search_s: float = 0.0
     train_results: list[TrainResult] = field(default_factory=list)
@@ -95,6 +96,12 @@ class RunContext:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.data.input_shape
+
+    @property
+    def train_precision(self) -> str:
+        """What :meth:`train` computes in: the recipe's ``precision`` for a method that declared
+        autocast support, else FP32 (fake quantizers must see FP32 values)."""
+        return self.recipe.precision if self.autocast else "fp32"
 
     def cost(self, model: nn.Module, plan: CompressionPlan | None = None) -> CostReport:
         """The harness's one cost counter (the same that reports the run)."""
@@ -116,7 +123,8 @@ class RunContext:
         spec = TrainSpec(epochs=epochs, lr=lr or self.recipe.finetune_lr, batch_size=self.recipe.batch_size,
                          optimizer=self.recipe.optimizer, momentum=self.recipe.momentum,
                          weight_decay=self.recipe.weight_decay, max_steps_per_epoch=self.recipe.max_steps_per_epoch,
-                         eval_every=self.recipe.eval_every)
+                         eval_every=self.recipe.eval_every, precision=self.train_precision,
+                         channels_last=self.recipe.channels_last and self.autocast)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         result = fit(model, self.data, spec, seed=self.seed, phase=phase,
                      checkpoint=self.work_dir / f"{phase}.pt", hooks=hooks, log=self.log_metrics)
@@ -150,6 +158,9 @@ class Method:
     # False when the method cannot train data-parallel under torchrun (a global search or
     # projection that DDP's averaged gradients would not reproduce); such a launch is refused
     distributed: ClassVar[bool] = True
+    # True when the method trains correctly under bf16 autocast (no fake quantizer, whose grid
+    # must see FP32 values): then ctx.train uses the recipe's precision and layout, else FP32
+    autocast: ClassVar[bool] = False
 
     class Hparams(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -222,7 +222,8 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
     agree(lambda: state.claim(config, {"recipe": recipe.model_dump(), "seed": seed, "data": data.fingerprint}))
     spec = TrainSpec(epochs=recipe.pretrain_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                      optimizer=recipe.optimizer, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                     max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every)
+                     max_steps_per_epoch=recipe.max_steps_per_epoch, eval_every=recipe.eval_every,
+                     precision=recipe.precision, channels_last=recipe.channels_last)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
     with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", state.id_file, tags) as tracker:
@@ -352,7 +353,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
                             "device": describe_device(data.device),
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})
         ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
-                         log_metrics=tracker.log_metrics)
+                         log_metrics=tracker.log_metrics, autocast=method.autocast)
         compressed = method.compress(model, budget, ctx)
         _check_finite(compressed.model)
         check_ranks_agree(compressed.model, compressed.plan.to_dict()["layers"])  # its notes may hold timings
@@ -398,6 +399,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             "compute_time_s": sum(r.compute_s for r in ctx.train_results),
             "train_time_s": sum(r.wall_s for r in ctx.train_results),
             "search_time_s": ctx.search_s,
+            "train_precision": ctx.train_precision,  # fp32 unless the method declares autocast support
             "status": "ok", "mlflow_run_id": tracker.run_id, "data_hash": data.fingerprint,
             "device": describe_device(data.device), "git_commit": git_commit(),
         }

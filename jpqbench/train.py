@@ -16,6 +16,10 @@ optimizer, schedule, data order, checkpointing and accounting.
   that is an optimizer) their own optimizer;
 * ``compute_s`` accumulates the time spent in forward, backward, optimizer step and hooks
   -- the work itself -- so the harness overhead of a run (everything else) is measurable;
+* ``precision: bf16`` runs the forward pass and the loss under autocast (weights, gradients,
+  optimizer state and BN statistics stay FP32); ``channels_last`` stores conv weights and 4-D
+  inputs channels-last. Both are for FP32 pretraining on GPUs; the defaults (fp32, contiguous)
+  leave the loop exactly as it was. Validation always evaluates in FP32;
 * the model trains on the data's device (:attr:`jpqbench.data.DataBundle.device`, the run's):
   :func:`fit` moves it there first (the same parameter objects, so hooks and parameter groups
   made before stay valid). Checkpoints load onto the CPU and are copied into the model, so a
@@ -23,6 +27,7 @@ optimizer, schedule, data order, checkpointing and accounting.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import zlib
@@ -87,6 +92,8 @@ class TrainSpec:
     weight_decay: float = 5e-4
     max_steps_per_epoch: int | None = None
     eval_every: int = 1
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    channels_last: bool = False
 
 
 @dataclass
@@ -106,12 +113,26 @@ def _epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(phase.encode()) + epoch)
 
 
+def _compute_context(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """What the forward pass and the loss run under: bf16 autocast on the run's device, or nothing."""
+    if spec.precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _layout(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
+
+
 def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase: str,
         checkpoint: Path | None = None, hooks: TrainHooks | None = None,
         log: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
     """Train ``model`` for ``spec.epochs`` epochs; resume from ``checkpoint`` if present."""
     hooks = hooks or TrainHooks()
     model.to(data.device)
+    if spec.channels_last:  # in place: parameter objects (and the groups made from them) stay the same
+        model.to(memory_format=torch.channels_last)
+    compute_context = _compute_context(spec, data.device)
     cuda = data.device if data.device.type == "cuda" else None
     groups = hooks.param_groups(model, spec.lr, spec.weight_decay)
     optimizer = hooks.make_optimizer(groups, spec)
@@ -151,8 +172,9 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
                 if batch_index >= steps_per_epoch:
                     break
                 tick = time.perf_counter()
-                logits = trained(inputs)
-                loss = F.cross_entropy(logits, targets)
+                with compute_context():
+                    logits = trained(_layout(inputs, spec.channels_last))
+                    loss = F.cross_entropy(logits, targets)
                 extra = hooks.extra_loss(model, step)
                 total = loss if extra is None else loss + extra
                 if not all_finite(total):  # every rank stops at the same step
