@@ -39,7 +39,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from jpqbench.config import MethodParams, TrainRecipe, load_config

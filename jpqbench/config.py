@@ -205,7 +205,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
 
 def validate_config(raw: dict[str, Any], source: str = "(in memory)") -> BenchConfig:
     """Validate a raw mapping (as Snakemake's ``config``) and check names against the registries."""
-    from jpqbench.methods_api import make_method, parse_method_spec
+    from jpqbench.methods_api import make_method
     from jpqbench.registry import DATASETS, METHODS, MODELS
 
     try:

@@ -151,16 +151,24 @@ def test_gate_above_threshold_zeroes_its_channel_at_eval_and_the_plan_prunes_it(
     assert not any(hasattr(m, "vib_gate") for m in model.modules())
 
 
+def _random_hard_state(gates, hooks, *, seed: int, closed_share: float, min_bits: int
+                       ) -> tuple[dict[str, list[int]], dict[str, tuple[int, int]]]:
+    """Close about ``closed_share`` of every layer's gates and set random (weight, input) bits in
+    [min_bits, 8], as a search could end; return the closed channels and the bits."""
+    gen = torch.Generator().manual_seed(seed)
+    closed = {name: torch.nonzero(torch.rand(g.mu.numel(), generator=gen) < closed_share).flatten().tolist()
+              for name, g in gates.gates.items()}
+    bits = {name: tuple(int(b) for b in torch.randint(min_bits, 9, (2,), generator=gen)) for name in hooks.quantizers}
+    _harden(gates, hooks.quantizers, closed, bits)
+    return closed, bits
+
+
 @pytest.mark.parametrize("metric", ["bops", "size"])
 @pytest.mark.parametrize("model_name", ["digits_cnn", "ds_cnn", "resnet8"])
 def test_cost_term_at_hard_gates_equals_the_harness_counter(model_name: str, metric: str) -> None:
     """Residual adds (digits_cnn, resnet8 with a BN-less shortcut) and depthwise convs (ds_cnn)."""
     model, gates, hooks, hp, batch = _prepared(model_name, metric)
-    gen = torch.Generator().manual_seed(2)
-    closed = {name: torch.nonzero(torch.rand(g.mu.numel(), generator=gen) < 0.4).flatten().tolist()
-              for name, g in gates.gates.items()}
-    bits = {name: tuple(int(b) for b in torch.randint(2, 9, (2,), generator=gen)) for name in hooks.quantizers}
-    _harden(gates, hooks.quantizers, closed, bits)
+    closed, bits = _random_hard_state(gates, hooks, seed=2, closed_share=0.4, min_bits=2)
     with torch.no_grad():
         soft = float(hooks.soft_cost(model))
     same_plan = with_pruned(plan_from_model(model, "djpq"), closed)
@@ -218,11 +226,7 @@ def _project_random_search(model_name: str, metric: str, target_fraction: float 
     """A prepared model whose search ended with random closed gates and bit widths, projected onto
     ``target_fraction`` x the cost of that hardened state (None: a budget of 1, no move needed)."""
     model, gates, hooks, hp, batch = _prepared(model_name, metric)
-    gen = torch.Generator().manual_seed(3)
-    closed = {name: torch.nonzero(torch.rand(g.mu.numel(), generator=gen) < 0.3).flatten().tolist()
-              for name, g in gates.gates.items()}
-    bits = {name: tuple(int(b) for b in torch.randint(3, 9, (2,), generator=gen)) for name in hooks.quantizers}
-    _harden(gates, hooks.quantizers, closed, bits)
+    closed, bits = _random_hard_state(gates, hooks, seed=3, closed_share=0.3, min_bits=3)
     hardened = _djpq().hardened_plan(model, *_djpq().harden(model, gates, hooks.cost, hp), "djpq")
     target = 1.0 if target_fraction is None else target_fraction * count(model, SHAPES[model_name],
                                                                          hardened).relative(metric)
