@@ -7,14 +7,15 @@ never touches the network mid-run.
 Splits:
 
 * ``train`` -- the 50,000 training images minus the validation images, with the standard
-  augmentation (random 32x32 crop of the image zero-padded by 4, random horizontal flip);
+  augmentation (random 32x32 crop of the image zero-padded by 4, random horizontal flip),
+  done on whole batches (:class:`jpqbench.augment.ImageBatches`);
 * ``val``   -- a fixed, stratified 10 % (5,000 images) of the *training* batches, chosen
   with seed 0 -- not the run seed -- so every method and seed selects on the same images;
 * ``test``  -- the official ``test_batch`` (10,000 images).
 
 All splits are normalised with the usual CIFAR-10 channel mean/std of the training set.
-The images stay in memory as uint8 (about 180 MB for all of CIFAR-10) and are converted
-per batch, which is much faster than torchvision's PIL round trip per image.
+The images stay in memory as uint8 (about 180 MB for all of CIFAR-10), on the run's GPU when
+there is one, and are augmented and converted per batch there.
 
 Checksums: torchvision checks the md5 of every batch file against the official ones and
 refuses anything else. That is what a user wants, and it is the default. A test cannot
@@ -27,13 +28,12 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from jpqbench.data import DataBundle, DatasetPlugin, fingerprint_tensors
+from jpqbench.augment import ImageBatches
+from jpqbench.data import DataBundle, DatasetPlugin, TensorSplit, fingerprint_tensors
 from jpqbench.errors import UserError
 from jpqbench.registry import register_dataset
 
@@ -45,6 +45,7 @@ VAL_FRACTION = 0.1  # of the 50,000 training images
 NUM_CLASSES = 10
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)  # per-channel std over all training pixels
+PADDING = 4  # of the random crop
 
 # torchvision and scikit-learn are imported inside the functions that use them: every
 # dataset plugin is imported whenever the registry is read, and these imports cost seconds.
@@ -65,48 +66,6 @@ def _cifar10_reader(verify_checksums: bool) -> type:
     return _UncheckedCIFAR10
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms import v2
-
-    return v2.Normalize(MEAN, STD)(v2.ToDtype(torch.float32, scale=True)(images))
-
-
-def _train_augmentation():
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
-
-
-class CifarImages(Dataset):
-    """uint8 (N, 3, 32, 32) ``images`` and int64 ``targets`` served as normalised float32.
-
-    ``__getitems__`` hands the DataLoader a whole batch. ``augment`` (the train split only)
-    runs per image, so each image gets its own crop and flip; torchvision's random transforms
-    draw from torch's global RNG, which a run seeds, and the loader runs in the main process,
-    so the draws are reproducible.
-    """
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self.images = images
-        self.targets = targets
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.__getitems__([index])
-        return images[0], targets[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices)
-        images = self.images[idx]
-        if self.augment is not None:
-            images = torch.stack([self.augment(image) for image in images])
-        return _normalise(images), self.targets[idx]
-
-
 def _manual_fix(root: Path) -> str:
     return (f"run `{PREPARE_COMMAND}` on a machine with internet access, or download {ARCHIVE_URL}, "
             f"extract it and place its folder {BASE_FOLDER} under {root}")
@@ -120,6 +79,8 @@ class Cifar10(DatasetPlugin):
     embedded = False
     num_classes = NUM_CLASSES
     input_shape = (3, 32, 32)
+    # 50,000 training images less the stratified 10 % val (5,000); test is the official test_batch
+    split_samples = {"train": 45_000, "val": 5_000, "test": 10_000}
 
     def __init__(self, verify_checksums: bool = True) -> None:
         """``verify_checksums=False`` accepts files that are not the official release (tests)."""
@@ -158,9 +119,9 @@ class Cifar10(DatasetPlugin):
 
         return DataBundle(
             name="cifar10",
-            train=CifarImages(train_images[~is_val], train_targets[~is_val], augment=_train_augmentation()),
-            val=CifarImages(train_images[is_val], train_targets[is_val]),
-            test=CifarImages(test_images, test_targets),
+            train=TensorSplit(train_images[~is_val], train_targets[~is_val], ImageBatches(MEAN, STD, padding=PADDING)),
+            val=TensorSplit(train_images[is_val], train_targets[is_val], ImageBatches(MEAN, STD)),
+            test=TensorSplit(test_images, test_targets, ImageBatches(MEAN, STD)),
             num_classes=self.num_classes,
             input_shape=self.input_shape,
             default_model=self.default_model,

@@ -107,6 +107,8 @@ class ImageNet(DatasetPlugin):
     embedded = False
     num_classes = 1000
     input_shape = (3, 224, 224)
+    # ILSVRC-2012's 1,281,167 training images less VAL_PER_CLASS x 1,000 classes; test is the official 50,000 val
+    split_samples = {"train": 1_271_167, "val": 10_000, "test": 50_000}
 
     def prepare(self, root: Path) -> None:
         """Unpack the official archives with torchvision; nothing to do for an ImageFolder tree."""

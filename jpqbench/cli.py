@@ -10,6 +10,7 @@
     jpqbench aggregate [--out results/summary.csv]
     jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV]
     jpqbench export    --run-dir DIR
+    jpqbench estimate  [--throughput FILE] [--img-per-s DATASET/MODEL=N ...] [--json] [--slurm-runtime]
 
 All commands take ``--config`` (default ``config/config.yaml``). A user mistake prints
 ``error: <problem>`` and ``fix: <what to do>`` and exits with status 2. A compression run that
@@ -225,6 +226,24 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{figures['latency_dense_b1_ms']:.3f} ms, pruned {figures['latency_pruned_b1_ms']:.3f} ms")
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from jpqbench.estimate import estimate, parse_img_per_s, read_throughput, render_slurm, render_table, to_json
+
+    config = _config(args)
+    device, img_per_s = read_throughput(Path(args.throughput)) if args.throughput else (None, {})
+    img_per_s.update(parse_img_per_s(args.img_per_s or []))
+    if args.slurm_runtime and not img_per_s:
+        raise UserError("--slurm-runtime needs the throughput of the config's (dataset, model) pairs",
+                        "pass --throughput FILE (written by benchmarks/throughput.py) or --img-per-s DATASET/MODEL=N")
+    rows = estimate(config, img_per_s)
+    if args.json:
+        print(json.dumps(to_json(rows, device, args.slurm_runtime), indent=1))
+        return
+    print(render_table(rows, bool(img_per_s), device))
+    if args.slurm_runtime:
+        print(f"\n{render_slurm(rows)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpqbench", description="joint pruning + quantization benchmark harness")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="benchmark config (default: %(default)s)")
@@ -298,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", help="(re)export a finished run's physically pruned, bit-packed artifact")
     p.add_argument("--run-dir", required=True, help="the run folder (holds metrics.json and model.pt)")
     p.set_defaults(func=cmd_export)
+
+    p = command("estimate", help="jobs, epochs and images of the grid; device-hours given a measured throughput")
+    p.add_argument("--throughput", help="JSON written by benchmarks/throughput.py: "
+                                        '{"device": ..., "img_per_s": {"<dataset>/<model>": N, ...}}')
+    p.add_argument("--img-per-s", action="append", metavar="DATASET/MODEL=N",
+                   help="training images per second of a (dataset, model); repeat it; wins over --throughput")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--slurm-runtime", action="store_true",
+                   help="also suggest each Snakemake rule's SLURM runtime: its longest job x 1.5, in minutes")
+    p.set_defaults(func=cmd_estimate)
     return parser
 
 

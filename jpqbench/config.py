@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,10 @@ class BenchConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where runs train and evaluate: auto = CUDA "
                                                                       "when torch sees a GPU, else the CPU; under "
                                                                       "torchrun each process uses cuda:<LOCAL_RANK>")
+    loader_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="loader worker processes per training process, for datasets read from files (ImageNet); "
+                            "auto = the process's CPUs (SLURM's --cpus-per-task where set) less one, at most 8. "
+                            "Results do not depend on it; in-memory datasets never use workers")
     batch_runs: bool = Field(True, description="one workflow job runs every budget and seed of a (dataset, model, "
                                                "method) in turn (saves start-up); false: one job per run")
 

@@ -269,13 +269,6 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_sum(*values: float) -> list[float]:
-    """Sum ``values`` over the ranks (inside :func:`training_group`); unchanged in one process."""
-    if not dist.is_initialized():
-        return list(values)
-    return all_sum_(torch.tensor(values, dtype=torch.float64, device=_collective_device())).tolist()
-
-
 def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over the ranks in place (inside :func:`training_group`; on the model's
     device), returned; unchanged in one process. For statistics a rank gathers from its own
@@ -285,13 +278,14 @@ def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """Whether ``loss`` is finite on every rank: a divergence stops all ranks at the same step
-    (a rank stopping alone would leave the others waiting in the gradient all-reduce)."""
-    finite = bool(torch.isfinite(loss))
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether the boolean ``flag`` (a 0-dim tensor on the model's device) is set on any rank:
+    a divergence stops all ranks at the same step (a rank stopping alone would leave the others
+    waiting in the gradient all-reduce). Reading it waits for the device: call it where the
+    loop may synchronise."""
     if not dist.is_initialized():
-        return finite
-    return all_sum(float(not finite))[0] == 0
+        return bool(flag)
+    return bool(all_sum_(flag.to(_collective_device(), torch.int64).reshape(1))[0])
 
 
 def worker_grace_s() -> int:

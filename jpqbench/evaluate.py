@@ -14,14 +14,16 @@ from jpqbench.data import DataBundle
 def evaluate(model: nn.Module, data: DataBundle, split: str, batch_size: int = 256) -> dict[str, float | None]:
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
+    correct = torch.zeros(2, dtype=torch.int64, device=data.device)  # top-1, top-5; read once, at the end
+    total = 0
     for inputs, targets in data.loader(split, batch_size):
         logits = model(inputs)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+        correct[0] += (top[:, 0] == targets).sum()
+        correct[1] += (top == targets[:, None]).any(dim=1).sum()
         total += len(targets)
     model.train(was_training)
+    correct1, correct5 = correct.tolist()
     return {"top1": correct1 / total, "top5": correct5 / total if data.num_classes > 10 else None}
 
 

@@ -161,6 +161,9 @@ class Method:
     # True when the method trains correctly under bf16 autocast (no fake quantizer, whose grid
     # must see FP32 values): then ctx.train uses the recipe's precision and layout, else FP32
     autocast: ClassVar[bool] = False
+    # False for a method that never trains (the FP32 reference, post-training quantization): its
+    # context grants no epochs, so it cannot train by accident, and `jpqbench estimate` counts none
+    trains: ClassVar[bool] = True
 
     class Hparams(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -174,6 +177,17 @@ class Method:
 
     def compress(self, model: nn.Module, budget: Budget | None, ctx: RunContext) -> Compressed:
         raise NotImplementedError
+
+    @classmethod
+    def search_images(cls, hparams: Hparams, train_samples: int, val_samples: int) -> tuple[int, int]:
+        """The samples that a run's work outside the training budget reads, as (trained, forward-only).
+
+        ``jpqbench estimate`` adds them to the run's epochs when it projects device time, so a
+        method whose search reads data (an RL reward) overrides this; the default, (0, 0), is
+        right for a method whose work is all in ``ctx.train``. ``train_samples`` and
+        ``val_samples`` are the dataset's split sizes, which cap any subset drawn from them.
+        """
+        return 0, 0
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

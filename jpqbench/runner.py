@@ -69,7 +69,7 @@ from torch import nn
 from jpqbench import atomic
 from jpqbench.config import BenchConfig, TrainRecipe
 from jpqbench.cost import measure_activation_sparsity
-from jpqbench.data import DataBundle, file_sha256
+from jpqbench.data import DataBundle, file_sha256, loader_workers
 from jpqbench.distributed import (agree, check_launch, check_ranks_agree, describe_device, is_main_process,
                                   resolve_device, use_device, world_size)
 from jpqbench.errors import UserError
@@ -102,10 +102,11 @@ def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> No
 
 
 def load_data(config: BenchConfig, dataset: str) -> DataBundle:
-    """The dataset, delivering its batches on the run's device (the config's ``device``)."""
+    """The dataset, delivering its batches on the run's device (the config's ``device``; its
+    in-memory splits moved there when they fit), read from files by ``loader_workers`` workers."""
     device = use_device(config.device)
-    plugin = DATASETS.get(dataset)()
-    return dataclasses.replace(plugin.load(Path(config.data_root) / dataset), device=device)
+    bundle = DATASETS.get(dataset)().load(Path(config.data_root) / dataset)
+    return dataclasses.replace(bundle, workers=loader_workers(config.loader_workers)).to(device)
 
 
 def build_model(recipe: TrainRecipe, data: DataBundle) -> nn.Module:
@@ -352,7 +353,7 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
                             "device": describe_device(data.device),
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})
-        ctx = RunContext(data=data, recipe=recipe, epochs=epochs, seed=request.seed, work_dir=work,
+        ctx = RunContext(data=data, recipe=recipe, epochs=epochs if method.trains else 0, seed=request.seed, work_dir=work,
                          log_metrics=tracker.log_metrics, autocast=method.autocast)
         compressed = method.compress(model, budget, ctx)
         _check_finite(compressed.model)

@@ -15,7 +15,15 @@ optimizer, schedule, data order, checkpointing and accounting.
   projections, per-epoch phase changes, their own optimizer parameter groups, or (a method
   that is an optimizer) their own optimizer;
 * ``compute_s`` accumulates the time spent in forward, backward, optimizer step and hooks
-  -- the work itself -- so the harness overhead of a run (everything else) is measurable;
+  -- the work itself -- so the harness overhead of a run (everything else) is measurable. On a
+  GPU it is measured with CUDA events around each step and read at the epoch's end (the host's
+  clock around asynchronous launches would time the launches, not the work), and the epoch's
+  wall time is read after the GPU has finished, so the figures mean the same on every device;
+* a step never makes the host wait for the device: the loss and accuracy sums stay on the
+  device and are read once per epoch; a non-finite loss is flagged on the device and the flag
+  is read every :data:`DIVERGENCE_CHECK_STEPS` steps on a GPU (every step on the CPU, where
+  reading costs nothing) and at the epoch's end -- the same steps on every rank, so a
+  divergence stops them all at one point and the run is recorded as ``diverged``;
 * ``precision: bf16`` runs the forward pass and the loss under autocast (weights, gradients,
   optimizer state and BN statistics stay FP32); ``channels_last`` stores conv weights and 4-D
   inputs channels-last. Both are for FP32 pretraining on GPUs; the defaults (fp32, contiguous)
@@ -42,7 +50,7 @@ from tqdm import tqdm
 
 from jpqbench import atomic
 from jpqbench.data import DataBundle
-from jpqbench.distributed import all_finite, all_sum, is_main_process, shard_steps, training_group
+from jpqbench.distributed import all_sum_, any_rank, is_main_process, shard_steps, training_group
 from jpqbench.errors import UserError
 from jpqbench.evaluate import evaluate
 
@@ -80,6 +88,9 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str
         if param.requires_grad:
             (decay if param.dim() > 1 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+DIVERGENCE_CHECK_STEPS = 50  # on a GPU: steps between reads of the non-finite-loss flag
 
 
 @dataclass
@@ -124,6 +135,42 @@ def _layout(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
 
 
+class ComputeClock:
+    """The time spent in the marked parts of a loop (:meth:`start` .. :meth:`stop`): the host's
+    clock on the CPU; CUDA events on a GPU, whose launches return before the work is done. The
+    events are read by :meth:`seconds`, which waits for the GPU: call it at a phase boundary."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host_s = 0.0
+        self.spans: list[tuple[Any, Any]] = []
+        self._tick: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._tick = torch.cuda.Event(enable_timing=True)
+            self._tick.record()
+        else:
+            self._tick = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            tock = torch.cuda.Event(enable_timing=True)
+            tock.record()
+            self.spans.append((self._tick, tock))
+        else:
+            self.host_s += time.perf_counter() - self._tick
+
+    def seconds(self) -> float:
+        """The marked time since the last call."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.host_s += sum(start.elapsed_time(end) for start, end in self.spans) / 1000
+            self.spans.clear()
+        seconds, self.host_s = self.host_s, 0.0
+        return seconds
+
+
 def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase: str,
         checkpoint: Path | None = None, hooks: TrainHooks | None = None,
         log: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
@@ -161,35 +208,49 @@ def fit(model: nn.Module, data: DataBundle, spec: TrainSpec, *, seed: int, phase
                             f"delete {checkpoint.parent} to restart the run from the beginning") from None
     progress = tqdm(range(start_epoch, spec.epochs), desc=phase, leave=False,
                     disable=not sys.stderr.isatty(), initial=start_epoch, total=spec.epochs)
+    device = data.device
+    check_every = 1 if device.type == "cpu" else DIVERGENCE_CHECK_STEPS
+    clock = ComputeClock(device)
     with training_group(model) as trained:
         for epoch in progress:
             wall_start = time.perf_counter()
             model.train()
             hooks.on_epoch_start(model, epoch)
-            loss_sum, correct, seen, step = 0.0, 0, 0, epoch * steps_per_epoch
+            # loss sum, correct and seen, summed on the device (float64: a sum of per-batch means x sizes)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            non_finite = torch.zeros((), dtype=torch.bool, device=device)
+            step = epoch * steps_per_epoch
             loader = data.loader("train", batch_size, shuffle=True, generator=_epoch_generator(seed, phase, epoch))
+            steps = min(len(loader), steps_per_epoch)
             for batch_index, (inputs, targets) in enumerate(loader):
-                if batch_index >= steps_per_epoch:
+                if batch_index >= steps:
                     break
-                tick = time.perf_counter()
+                clock.start()
                 with compute_context():
                     logits = trained(_layout(inputs, spec.channels_last))
                     loss = F.cross_entropy(logits, targets)
                 extra = hooks.extra_loss(model, step)
                 total = loss if extra is None else loss + extra
-                if not all_finite(total):  # every rank stops at the same step
-                    raise FloatingPointError(f"loss became {total.item()} in phase {phase!r}, epoch {epoch}, step {step}")
+                non_finite |= ~torch.isfinite(total.detach())
+                if (batch_index + 1) % check_every == 0 or batch_index + 1 == steps:
+                    if any_rank(non_finite):  # the same steps on every rank: all stop at this one
+                        where = f"in phase {phase!r}, epoch {epoch}"
+                        if check_every == 1:
+                            raise FloatingPointError(f"loss became {total.item()} {where}, step {step}")
+                        raise FloatingPointError(f"loss became non-finite {where}, at one of steps "
+                                                 f"{step - batch_index % check_every}..{step}")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
                 scheduler.step()
                 hooks.after_step(model, step)
-                result.compute_s += time.perf_counter() - tick
-                loss_sum += loss.item() * len(targets)
-                correct += (logits.argmax(1) == targets).sum().item()
-                seen += len(targets)
+                clock.stop()
+                sums[0] += loss.detach().double() * len(targets)
+                sums[1] += (logits.detach().argmax(1) == targets).sum()
+                sums[2] += len(targets)
                 step += 1
-            loss_sum, correct, seen = all_sum(loss_sum, correct, seen)  # over every rank's shard
+            loss_sum, correct, seen = all_sum_(sums).tolist()  # over every rank's shard; the epoch's one read
+            result.compute_s += clock.seconds()
             record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                       "lr": scheduler.get_last_lr()[0]}
             if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:

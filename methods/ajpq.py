@@ -311,6 +311,16 @@ class AJPQ(Method):
                                  "or the agents never act")
             return self
 
+    @classmethod
+    def search_images(cls, hparams: "AJPQ.Hparams", train_samples: int, val_samples: int) -> tuple[int, int]:
+        """The search's rewards (:class:`HeldOutReward`): every episode fine-tunes on the training
+        subset ``reward_finetune_epochs`` times and evaluates the held-out subset once, and the
+        FP32 baseline evaluates it once more; each subset is at most its split. The reward's
+        calibration batches (one per episode by default) are left out."""
+        trained = min(hparams.reward_train_samples, train_samples) * hparams.reward_finetune_epochs
+        evaluated = min(hparams.reward_val_samples, val_samples)
+        return hparams.episodes * trained, (hparams.episodes + 1) * evaluated
+
     def controllers(self, space: PolicySpace, wall: BudgetWall, reward: Callable[[Policy], float], seed: int,
                     on_episode: Callable[[Episode, Episode], None] | None = None) -> tuple[Controller, Controller]:
         """The layer and the channel controller, each with its own environment and DDPG agent."""

@@ -11,6 +11,7 @@ class FP32(Method):
     """FP32 reference: the shared pretrained checkpoint, evaluated as is (no budget, no training)."""
 
     takes_budget = False
+    trains = False
 
     def compress(self, model, budget: Budget | None, ctx: RunContext) -> Compressed:
         return Compressed(model, CompressionPlan.dense(model))

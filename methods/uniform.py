@@ -38,6 +38,7 @@ class PTQ(_Uniform):
     """Uniform post-training quantization: one bit width for all weights and activations, min/max calibrated, no training."""
 
     learn_step = False
+    trains = False
 
 
 @register_method("qat")

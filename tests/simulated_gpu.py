@@ -12,12 +12,14 @@ what torch makes in C++ from a GPU tensor (autograd's zero gradients, index tens
 formula's constants) would be on the GPU and counts as such.
 
 What it stubs (the GPU's runtime, not placement): ``torch.cuda.is_available`` / ``device_count``
-/ ``set_device`` / ``current_device`` / ``get_device_name`` / the CUDA RNG state, and memory
-pinning. What it cannot check: CUDA kernels themselves, nccl, streams and timing; those need a
+/ ``set_device`` / ``current_device`` / ``get_device_name`` / ``mem_get_info`` / the CUDA RNG
+state, CUDA events (timed by the host's clock), and memory pinning. :func:`count_host_syncs`
+counts the reads that would make the host wait for a real GPU. What it cannot check: CUDA kernels themselves, nccl, streams and timing; those need a
 real GPU (tests/test_device.py's CUDA tests).
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -128,6 +130,13 @@ _AS_ON_A_GPU = {torch.Tensor.device.__get__: lambda t: GPU, torch.Tensor.is_cuda
                 torch.Tensor.numpy: _refuse_numpy}
 
 
+# Reads of a GPU tensor's value by the host: on a real GPU each one waits for the GPU to finish
+# the work queued before it.
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__,
+               torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
+_host_syncs: list[str] = []  # the reads made while count_host_syncs() runs, by name
+
+
 class _Placement(TorchFunctionMode):
     """Moves tensors to and from the simulated GPU at the Python API, before torch would look
     for a real one."""
@@ -135,10 +144,17 @@ class _Placement(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 -- torch's protocol
         kwargs = kwargs or {}
         subject = args[0] if args else None
+        if isinstance(subject, OnGPU) and func in _HOST_READS:
+            _host_syncs.append(func.__name__)
         if isinstance(subject, OnGPU) and func in _AS_ON_A_GPU:
             return _AS_ON_A_GPU[func](subject)
+        if func is torch.Tensor.pin_memory:
+            return subject
         if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu) and isinstance(subject, torch.Tensor):
-            return _mark_host(self._move(func, subject, args[1:], kwargs))
+            moved = self._move(func, subject, args[1:], kwargs)
+            if isinstance(subject, OnGPU) and not isinstance(moved, OnGPU):
+                _host_syncs.append(func.__name__)  # a copy to the host
+            return _mark_host(moved)
         if _is_gpu(kwargs.get("device")):  # a factory asked for the GPU
             out = func(*args, **{**kwargs, "device": "cpu"})
             return OnGPU(out) if isinstance(out, torch.Tensor) else out
@@ -174,6 +190,19 @@ def _mark_host(out: Any) -> Any:
     return out
 
 
+class _HostTimedEvent:
+    """``torch.cuda.Event(enable_timing=True)``, timed by the host's clock."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end: "_HostTimedEvent") -> float:
+        return (end.at - self.at) * 1000  # milliseconds, as CUDA's
+
+
 class _NotCapturing:
     """The current stream, as torch's optimizers ask it whether a CUDA graph is being captured."""
 
@@ -193,7 +222,9 @@ def simulated_gpu() -> Iterator[None]:
                             "get_device_name": lambda device=None: NAME,
                             "get_rng_state": lambda device=None: cuda_rng.clone(),
                             "set_rng_state": lambda state, device=None: None,
-                            "manual_seed_all": lambda seed: None, "synchronize": lambda device=None: None}.items():
+                            "manual_seed_all": lambda seed: None, "synchronize": lambda device=None: None,
+                            "mem_get_info": lambda device=None: (64 << 30, 80 << 30),
+                            "Event": _HostTimedEvent}.items():
             patch.setattr(torch.cuda, name, value)
         patch.setattr(torch.accelerator, "current_stream", lambda device=None: _NotCapturing())
         patch.setattr(pin_memory, "pin_memory", lambda data, device=None: data)
@@ -206,3 +237,17 @@ def simulated_gpu() -> Iterator[None]:
                 yield
         finally:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+@contextmanager
+def count_host_syncs() -> Iterator[list[str]]:
+    """The host reads of simulated-GPU tensors made in the block (``.item()``, ``.tolist()``,
+    ``bool()``, a copy to the CPU, ...), by name, in order: on a real GPU each one stalls the
+    host until the GPU has drained its queue. Use inside :func:`simulated_gpu`."""
+    start = len(_host_syncs)
+    reads: list[str] = []
+    try:
+        yield reads
+    finally:
+        reads.extend(_host_syncs[start:])
+        del _host_syncs[start:]

@@ -69,7 +69,7 @@ def test_load_reads_the_on_disk_format(fake_cifar) -> None:
     train_rows = {(data.tobytes(), label) for data, label in written["train"]}
     val = set(_rows(bundle.val))
     train = {(image.flatten().numpy().tobytes(), int(label))
-             for image, label in zip(bundle.train.images, bundle.train.targets)}
+             for image, label in zip(bundle.train.inputs, bundle.train.targets)}
     assert val <= train_rows and not val & train and val | train == train_rows
     assert sorted(label for _, label in val) == list(range(10))  # stratified: one of each class
 
@@ -94,8 +94,8 @@ def test_split_is_identical_across_loads(fake_cifar) -> None:
     plugin = DATASETS.get("cifar10")(verify_checksums=False)
     first, second = plugin.load(root), plugin.load(root)
     assert first.fingerprint == second.fingerprint
-    assert torch.equal(first.val.images, second.val.images)
-    assert torch.equal(first.train.images, second.train.images)
+    assert torch.equal(first.val.inputs, second.val.inputs)
+    assert torch.equal(first.train.inputs, second.train.inputs)
 
 
 def test_checksums_are_verified_by_default(fake_cifar) -> None:

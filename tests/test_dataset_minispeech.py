@@ -69,7 +69,7 @@ def test_loads_through_the_speech_commands_reader(root: Path) -> None:
     bundle = DATASETS.get("minispeech")().load(root)
     assert bundle.name == "minispeech" and bundle.input_shape == (1, 49, 10) and bundle.num_classes == 12
     reader = sys.modules[DATASETS.get("speech_commands").__module__]
-    assert isinstance(bundle.train, reader.AugmentedClips)
+    assert isinstance(bundle.train.transform, reader.AugmentedFeatures)
     assert len(bundle.val) and len(bundle.test)
     assert torch.bincount(bundle.train.targets, minlength=12)[10:].min() > 0  # silence and unknown present
     direct = DATASETS.get("speech_commands")().load(root)

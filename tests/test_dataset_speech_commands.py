@@ -93,9 +93,9 @@ def test_each_split_holds_the_listed_speakers(root: Path, bundle) -> None:
         for label, word in enumerate(KEYWORDS):
             wave = module._fix_length(soundfile.read(folder / word / f"{speaker}_nohash_0.wav", dtype="int16")[0])
             expected = module.standardise(module.featurise(torch.from_numpy(wave)[None].float() / 32768, mfcc),
-                                          bundle.train.mean, bundle.train.std)
+                                          bundle.train.transform.mean, bundle.train.transform.std)
             torch.testing.assert_close(split.inputs[split.targets == label], expected)
-    train_waves = {bytes(row.numpy()) for row in bundle.train.waves[bundle.train.targets < 10]}
+    train_waves = {bytes(row.numpy()) for row in bundle.train.inputs[bundle.train.targets < 10]}
     expected = {bytes(module._fix_length(_tone(w, s))) for w in range(10) for s in (0, 3, 4)}
     assert train_waves == expected
 
@@ -103,7 +103,7 @@ def test_each_split_holds_the_listed_speakers(root: Path, bundle) -> None:
 def test_silence_is_cut_from_the_background_noise(root: Path, bundle) -> None:
     noise = soundfile.read(root / "SpeechCommands" / "speech_commands_v0.02" / "_background_noise_" / "noise.wav",
                            dtype="int16")[0]
-    silence = bundle.train.waves[bundle.train.targets == 10].numpy()
+    silence = bundle.train.inputs[bundle.train.targets == 10].numpy()
     windows = np.lib.stride_tricks.sliding_window_view(noise, 16_000)
     for row in silence:
         assert (windows == row).all(axis=1).any()
@@ -111,7 +111,7 @@ def test_silence_is_cut_from_the_background_noise(root: Path, bundle) -> None:
 
 def test_unknown_comes_from_other_words(root: Path, bundle) -> None:
     others = {bytes(_module()._fix_length(_tone(w, s))) for w in (10, 11) for s in (0, 3, 4)}
-    unknown = bundle.train.waves[bundle.train.targets == 11]
+    unknown = bundle.train.inputs[bundle.train.targets == 11]
     assert {bytes(row.numpy()) for row in unknown} <= others
 
 

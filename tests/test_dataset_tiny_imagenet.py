@@ -4,7 +4,7 @@ The fixture writes real 64x64 JPEGs with PIL (one of them greyscale, as some rea
 ``wnids.txt`` in a deliberately non-alphabetical order (the class index is the line number,
 not the sorted position), per-class ``train/<wnid>/images`` folders with the ``<wnid>_boxes.txt``
 the real archive has, and ``val/images`` with a tab-separated ``val_annotations.txt``.
-Each image has a distinct flat colour (never black, so the zero padding of a random crop shows).
+Each image has a distinct flat colour, 3 grey levels from any other so JPEG keeps them apart (never black, so the zero padding of a random crop shows).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from jpqbench.data import decode_image
 from jpqbench.errors import UserError
 from jpqbench.registry import DATASETS
 
@@ -44,12 +45,12 @@ def _write_tiny_imagenet(root: Path) -> dict[str, dict[str, int]]:
         for number in range(TRAIN_PER_CLASS):
             name = f"{wnid}_{number}.JPEG"
             mode = "L" if (index, number) == (0, 0) else "RGB"
-            _write_jpeg(folder / "train" / wnid / "images" / name, 20 + 10 * index + number, mode)
+            _write_jpeg(folder / "train" / wnid / "images" / name, 20 + 3 * (TRAIN_PER_CLASS * index + number), mode)
             labels["train"][name] = index
     lines = []
     for number in range(VAL_PER_CLASS * len(WNIDS)):
         name, index = f"val_{number}.JPEG", number % len(WNIDS)
-        _write_jpeg(folder / "val" / "images" / name, 200 + number)
+        _write_jpeg(folder / "val" / "images" / name, 200 + 3 * number)
         lines.append(f"{name}\t{WNIDS[index]}\t0\t0\t63\t63\n")
         labels["test"][name] = index
     (folder / "val" / "val_annotations.txt").write_text("".join(lines))
@@ -62,8 +63,11 @@ def fake_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return root, _write_tiny_imagenet(root)
 
 
-def _labelled_names(split) -> dict[str, int]:
-    return {path.name: int(target) for path, target in zip(split.paths, split.targets)}
+def _labelled_names(split, root: Path) -> dict[str, int]:
+    """{file name: class index} of a split's images, each found by its decoded pixels among the files'."""
+    folder = root / "tiny-imagenet-200"
+    names = {decode_image(path).numpy().tobytes(): path.name for path in folder.glob("*/**/*.JPEG")}
+    return {names[image.numpy().tobytes()]: int(target) for image, target in zip(split.inputs, split.targets)}
 
 
 def test_load_reads_the_on_disk_layout(fake_tiny) -> None:
@@ -74,9 +78,9 @@ def test_load_reads_the_on_disk_layout(fake_tiny) -> None:
     assert bundle.default_model == "resnet18_64" and bundle.fingerprint
 
     # Test split = the official val images, in annotation order, labelled by wnids.txt position.
-    assert list(_labelled_names(bundle.test).items()) == list(labels["test"].items())
+    assert list(_labelled_names(bundle.test, root).items()) == list(labels["test"].items())
     # Val is carved from train (stratified: one image of each class), disjoint from train.
-    train, val = _labelled_names(bundle.train), _labelled_names(bundle.val)
+    train, val = _labelled_names(bundle.train, root), _labelled_names(bundle.val, root)
     assert not train.keys() & val.keys() and {**train, **val} == labels["train"]
     assert sorted(val.values()) == [0, 1, 2]
 
@@ -84,15 +88,15 @@ def test_load_reads_the_on_disk_layout(fake_tiny) -> None:
 def test_images_are_decoded_to_normalised_rgb(fake_tiny) -> None:
     root, _ = fake_tiny
     bundle = DATASETS.get("tiny_imagenet")().load(root)
-    image, target = bundle.test[4]  # val_4.JPEG, flat colour (204, 51, 128), class 1
+    image, target = bundle.test[4]  # val_4.JPEG, flat colour (212, 43, 128), class 1
     raw = (image * STD + MEAN).mul(255)
     assert int(target) == 1
-    assert torch.allclose(raw.mean(dim=(1, 2)), torch.tensor([204.0, 51.0, 128.0]), atol=3)
+    assert torch.allclose(raw.mean(dim=(1, 2)), torch.tensor([212.0, 43.0, 128.0]), atol=3)
 
     # The greyscale training file comes out as three equal channels (decoded without augmentation).
     grey_path = root / "tiny-imagenet-200" / "train" / "n09999999" / "images" / "n09999999_0.JPEG"
-    assert Image.open(grey_path).mode == "L" and grey_path in bundle.train.paths + bundle.val.paths
-    grey, _ = type(bundle.test)([grey_path], torch.zeros(1, dtype=torch.int64), bundle.test.transform)[0]
+    assert Image.open(grey_path).mode == "L" and "n09999999_0.JPEG" in _labelled_names(bundle.train, root) | _labelled_names(bundle.val, root)
+    grey = bundle.test.transform(decode_image(grey_path)[None])[0]
     raw = (grey * STD + MEAN).mul(255)
     assert grey.shape == (3, 64, 64)
     assert torch.allclose(raw[0], raw[1], atol=1) and torch.allclose(raw[1], raw[2], atol=1)
@@ -122,7 +126,7 @@ def test_split_is_identical_across_loads(fake_tiny) -> None:
     plugin = DATASETS.get("tiny_imagenet")()
     first, second = plugin.load(root), plugin.load(root)
     assert first.fingerprint == second.fingerprint
-    assert first.val.paths == second.val.paths and first.train.paths == second.train.paths
+    assert torch.equal(first.val.inputs, second.val.inputs) and torch.equal(first.train.inputs, second.train.inputs)
 
 
 def test_fingerprint_follows_the_annotations(tmp_path: Path) -> None:
