@@ -147,6 +147,8 @@ class RunContext:
         try:
             yield
         finally:
+            if self.data.device.type == "cuda":  # the search's queued GPU work is part of its time
+                torch.cuda.synchronize(self.data.device)
             self.search_s += time.perf_counter() - start
 
 
