@@ -8,7 +8,7 @@
     jpqbench cost      --model NAME --dataset D [--w-bits B --a-bits B | --plan plan.json] [--json]
     jpqbench init-tracking [--marker FILE]
     jpqbench aggregate [--out results/summary.csv]
-    jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV]
+    jpqbench report    [--summary results/summary.csv] [--out results/report] [--published CSV] [--reference METHOD]
     jpqbench export    --run-dir DIR
     jpqbench estimate  [--throughput FILE] [--img-per-s DATASET/MODEL=N ...] [--json] [--slurm-runtime]
 
@@ -194,7 +194,8 @@ def cmd_init_tracking(args: argparse.Namespace) -> None:
 
     config = _config(args)
     experiment_id = init_tracking(config)
-    print(f"MLflow store {tracking_uri(config)}, experiment {config.experiment!r} ({experiment_id})")
+    print(f"MLflow store {tracking_uri(config)}, experiment {config.experiment!r} ({experiment_id}); in `mlflow ui` "
+          f"its runs are at http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     if args.marker:
         Path(args.marker).parent.mkdir(parents=True, exist_ok=True)
         Path(args.marker).write_text(f"{tracking_uri(config)}\n{experiment_id}\n")
@@ -211,7 +212,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from jpqbench.report import render
 
-    html = render(Path(args.summary), Path(args.out), Path(args.published))
+    html = render(Path(args.summary), Path(args.out), Path(args.published), args.reference)
     print(f"wrote {html}")
 
 
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/report")
     p.add_argument("--published", default="results/reference/published.csv",
                    help="published numbers shown beside ours, labelled 'as reported' (default: %(default)s)")
+    p.add_argument("--reference", metavar="METHOD",
+                   help="the method every other one is compared with, seed by seed (default: prune_then_quantize)")
     p.set_defaults(func=cmd_report)
 
     p = command("export", help="(re)export a finished run's physically pruned, bit-packed artifact")

@@ -227,7 +227,9 @@ def pretrain(config: BenchConfig, dataset: str, model_name: str, seed: int, out:
                      precision=recipe.precision, channels_last=recipe.channels_last)
     tags = {"stage": "pretrain", "dataset": dataset, "model": recipe.model, "seed": seed,
             "data_hash": data.fingerprint}
-    with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", state.id_file, tags) as tracker:
+    with tracked_run(config, f"pretrain/{dataset}/{recipe.model}/s{seed}", state.id_file, tags,
+                     entry_point="pretrain") as tracker:
+        tracker.log_dataset(data.name, data.fingerprint, Path(config.data_root) / dataset)
         tracker.log_params({**recipe.model_dump(), "seed": seed, "device": describe_device(data.device)})
         result = fit(model, data, spec, seed=seed, phase="pretrain", checkpoint=work / "train.pt",
                      log=tracker.log_metrics)
@@ -349,7 +351,8 @@ def run(config: BenchConfig, request: RunRequest, data: DataBundle | None = None
             "budget": budget.target if budget else "reference", "budget_metric": budget.metric if budget else "",
             "seed": request.seed, "data_hash": data.fingerprint}
     run_name = GridPoint(request.dataset, request.model, request.method, budget, request.seed).run_dir(Path()).as_posix()
-    with tracked_run(config, run_name, state.id_file, tags) as tracker:
+    with tracked_run(config, run_name, state.id_file, tags, entry_point="run") as tracker:
+        tracker.log_dataset(data.name, data.fingerprint, Path(config.data_root) / request.dataset)
         tracker.log_params({**{f"recipe.{k}": v for k, v in recipe.model_dump().items()}, "epochs": epochs,
                             "device": describe_device(data.device),
                             **{f"hp.{k}": v for k, v in method.hp.model_dump().items()}})

@@ -18,6 +18,10 @@ Parallel jobs share one SQLite file. SQLite serialises writers: a SQLite URI is 
 busy timeout of :data:`SQLITE_BUSY_TIMEOUT_S` (unless it names a ``timeout``), and a store call
 that still meets "database is locked" -- SQLite answers so at once, without waiting, where a
 wait could deadlock two writers -- is retried with back-off (:class:`RetryingClient`).
+
+The experiment is a model-training experiment (:data:`EXPERIMENT_KIND_TAG`), each run records
+the prepared dataset it used as an MLflow dataset input (:meth:`Tracker.log_dataset`) and the
+harness command it belongs to as its MLflow source; ``docs/tracking.md`` lists what a run logs.
 """
 from __future__ import annotations
 
@@ -97,15 +101,45 @@ class RetryingClient:
         return _retried(attribute) if callable(attribute) else attribute
 
 
+# The kind MLflow 3 records for an experiment, and the kind of ours: model training, whose page is
+# the runs table (a GenAI experiment's is its traces). MLflow UIs that read it open the experiment
+# on that page; 3.17's goes by its sidebar switch instead (docs/tracking.md)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+LOCAL_DATASET_SOURCE = "local"  # MLflow's source type of a dataset in a local folder (LocalArtifactDatasetSource)
+
+
 def init_tracking(config: BenchConfig) -> str:
     """Create the store and the experiment (idempotent). Returns the experiment id."""
+    return _experiment_id(RetryingClient(tracking_uri(config)), config.experiment)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment when missing.
+
+    An experiment without a kind -- created by an older jpqbench, or by hand -- is given the
+    model-training kind here, so a store made before the tag existed opens on its runs too; a
+    kind someone chose for the experiment is left as it is.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        _give_kind(client, experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _give_kind(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as model training. Parallel jobs that first use an older store all try
+    at once: the store keeps one job's tag and refuses the others' insert of the same key (a
+    unique-key error, not a lock), which is no failure once the tag is there."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(config))
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(config.experiment)
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except mlflow.exceptions.MlflowException:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def git_commit() -> str:
@@ -167,6 +201,18 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         self._client.log_artifact(self.run_id, str(path))
 
+    def log_dataset(self, name: str, digest: str, source: Path) -> None:
+        """Record the prepared dataset the run trains and evaluates on as the run's MLflow dataset
+        input: ``name``, ``digest`` (the data's fingerprint, the ``data_hash`` tag) and the folder
+        it was read from. MLflow's UI shows it in the runs table's Dataset column and filters runs
+        by it. A resumed run logs it again: MLflow keeps one input per dataset and run."""
+        import mlflow.entities
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        dataset = mlflow.entities.Dataset(name=name, digest=digest, source_type=LOCAL_DATASET_SOURCE,
+                                          source=LocalArtifactDatasetSource(str(source.resolve())).to_json())
+        self._client.log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(dataset)])
+
 
 class NullTracker(Tracker):
     """What the ranks other than 0 of a torchrun launch log to: nothing (rank 0 logs the run)."""
@@ -186,18 +232,26 @@ class NullTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         pass
 
+    def log_dataset(self, name: str, digest: str, source: Path) -> None:
+        pass
+
 
 @contextmanager
-def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[str, Any]) -> Iterator[Tracker]:
-    """Start (or resume, when ``id_file`` holds an unfinished run's id) an MLflow run."""
+def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[str, Any],
+                entry_point: str | None = None) -> Iterator[Tracker]:
+    """Start (or resume, when ``id_file`` holds an unfinished run's id) an MLflow run.
+
+    ``entry_point``: the jpqbench command the run belongs to (``pretrain``, ``run``), recorded as
+    the run's MLflow source (see :func:`_source_tags`); None for a run no command of the harness
+    makes (a library use), which records none.
+    """
     if not is_main_process():
         yield NullTracker()
         return
     import mlflow
 
     client = RetryingClient(tracking_uri(config))
-    experiment = client.get_experiment_by_name(config.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment)
+    experiment_id = _experiment_id(client, config.experiment)
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if run_id is not None:
         try:
@@ -219,8 +273,9 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
             client.delete_tag(run_id, outcome)
     tracker = Tracker(client, run_id, logged)
     try:
-        tracker.set_tags({**tags, "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
-                          "processes": world_size(),
+        commit = git_commit()
+        tracker.set_tags({**tags, "git_commit": commit, "torch_threads": torch.get_num_threads(),
+                          "processes": world_size(), **_source_tags(entry_point, commit),
                           **{f"version.{k}": v for k, v in package_versions().items()}})
         yield tracker
     except BaseException as error:
@@ -230,6 +285,19 @@ def tracked_run(config: BenchConfig, run_name: str, id_file: Path, tags: dict[st
         client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def _source_tags(entry_point: str | None, commit: str) -> dict[str, str]:
+    """MLflow's system tags for where a run comes from, which its UI shows as the run's Source
+    (``jpqbench <entry_point>``, a local command: jpqbench is no MLflow Project) and Version (the
+    commit, unless git does not know it); none without an entry point."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    if entry_point is None:
+        return {}
+    tags = {MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL), MLFLOW_SOURCE_NAME: f"jpqbench {entry_point}"}
+    return tags if commit == "unknown" else {**tags, MLFLOW_GIT_COMMIT: commit}
 
 
 def abandon_run(config: BenchConfig, id_file: Path, reason: str) -> None:

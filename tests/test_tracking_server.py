@@ -4,8 +4,9 @@ The test creates a PostgreSQL cluster (initdb) in a temp dir, starts it (pg_ctl)
 localhost port, starts `mlflow server --backend-store-uri postgresql://... --artifacts-destination
 <dir>` on another, and runs one tiny `jpqbench run` with MLFLOW_TRACKING_URI pointing at the
 server. Checked in PostgreSQL itself (not through MLflow): exactly one finished run with the
-run's tags, parameters and final metrics, equal to the run's metrics.json; and in the
-server's artifact store: the plan and config the run wrote, byte for byte.
+run's tags, parameters and final metrics, equal to the run's metrics.json, its dataset input
+and the experiment's model-training kind; and in the server's artifact store: the plan and
+config the run wrote, byte for byte.
 
 Skipped, with the reason, where PostgreSQL's server binaries or psycopg2 are missing
 (`scripts/ci-services.sh`, `pip install -e '.[postgres]'`). initdb refuses to run as root:
@@ -26,10 +27,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from jpqbench.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
 DATABASE = "mlflow"
 USER = "jpq"
@@ -108,33 +112,41 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextmanager
+def mlflow_server(backend: str, artifacts: Path, log: Path, command: str = "server") -> Iterator[str]:
+    """`mlflow <command>` (``server``, or ``ui``: what a user starts) on the ``backend`` store, on
+    a free localhost port, serving artifacts from the folder ``artifacts`` and writing its output
+    to ``log``: its URL, once it answers /health. Stopped (its whole process group) on exit."""
+    port = _free_port()
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri", backend,
+                                   "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1"],
+                                  stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow {command} exited: {log.read_text()[-3000:]}")
+            try:
+                return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        try:
+            _wait(healthy, f"mlflow {command} answered /health", 180)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`mlflow server` on the PostgreSQL store, serving artifacts from a local folder: (URL, folder)."""
     artifacts = tmp_path_factory.mktemp("mlartifacts")
-    port = _free_port()
-    log = open(artifacts.parent / "mlflow-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-                               "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(artifacts.parent / 'mlflow-server.log').read_text()[-3000:]}")
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        _wait(healthy, "mlflow server answered /health", 180)
+    with mlflow_server(postgres, artifacts, artifacts.parent / "mlflow-server.log") as url:
         yield url, artifacts
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_a_run_logs_to_the_tracking_server_and_lands_in_postgresql(
@@ -164,11 +176,18 @@ def test_a_run_logs_to_the_tracking_server_and_lands_in_postgresql(
         params = dict(cursor.fetchall())
         cursor.execute("SELECT key, value FROM latest_metrics WHERE run_uuid = %s", (run_id,))
         logged = dict(cursor.fetchall())
+        cursor.execute("SELECT key, value FROM experiment_tags WHERE experiment_id = %s", (experiment_id,))
+        experiment_tags = dict(cursor.fetchall())
+        cursor.execute("SELECT name, digest FROM datasets JOIN inputs ON inputs.source_id = datasets.dataset_uuid "
+                       "WHERE inputs.destination_id = %s", (run_id,))
+        datasets = cursor.fetchall()
     assert tags["method"] == "ptq" and tags["stage"] == "compress" and tags["status"] == "ok"
     assert tags["data_hash"] == metrics["data_hash"] and tags["budget"] == "0.05"
     assert params["recipe.batch_size"] == "64" and params["epochs"] == "1"
     for key in ("top1", "relative_bops", "weight_size_kb", "achieved"):
         assert logged[key] == pytest.approx(metrics[key]), key
+    assert experiment_tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert datasets == [("digits", metrics["data_hash"])]
 
     stored = artifact_root / str(experiment_id) / run_id / "artifacts"
     assert (stored / "plan.json").read_text() == (out / "plan.json").read_text()
