@@ -39,7 +39,6 @@ cfg = load_config(CONFIG_FILE)
 DATA = cfg.data_root
 RESULTS = cfg.results_root
 RUNS = f"{RESULTS}/runs"
-TRACKING = f"{RESULTS}/.tracking-ready"
 
 
 def checkpoint_of(seed):
@@ -125,7 +124,7 @@ def hparams_of(wildcards):
 
 
 # Tiny bookkeeping jobs run where snakemake runs, never through a cluster queue.
-localrules: all, tracking, aggregate, report
+localrules: all, aggregate, report
 
 
 rule all:
@@ -133,15 +132,13 @@ rule all:
         f"{RESULTS}/report",
 
 
-# MLflow's SQLite store races on its schema when parallel jobs create it; create it once first.
-# `ancient` below: re-creating the marker must not make every run look out of date.
-rule tracking:
-    output:
-        TRACKING,
-    log:
-        f"{RESULTS}/logs/tracking.log",
-    shell:
-        "jpqbench init-tracking --config {CONFIG_FILE} --marker {output} > {log} 2>&1"
+# MLflow's SQLite store races on its schema when parallel jobs create it: it is created here,
+# before the first job starts (not in a dry run, nor in the jobs a cluster runs). A hook, not a
+# rule whose output every training job needs: that output would be missing in a fresh clone,
+# and Snakemake would then re-run every pretraining there, of checkpoints pulled with
+# `dvc pull` too (docs/dvc.md).
+onstart:
+    shell("mkdir -p {RESULTS}/logs && jpqbench init-tracking --config {CONFIG_FILE} > {RESULTS}/logs/tracking.log 2>&1")
 
 
 # The dataset's MANIFEST.json is written last, so it marks a complete `prepare`.
@@ -154,11 +151,12 @@ rule prepare:
         "jpqbench prepare --dataset {wildcards.dataset} --config {CONFIG_FILE} > {log} 2>&1"
 
 
-# One FP32 starting point per (dataset, seed), shared by every method.
+# One FP32 starting point per (dataset, seed), shared by every method. `ancient`: data prepared
+# or pulled after the checkpoint does not make it stale (a run refuses a checkpoint pretrained on
+# other data: its data fingerprint), so a checkpoint pulled with `dvc pull` is not trained again.
 rule pretrain:
     input:
-        manifest=f"{DATA}/{{dataset}}/MANIFEST.json",
-        tracking=ancient(TRACKING),
+        manifest=ancient(f"{DATA}/{{dataset}}/MANIFEST.json"),
     output:
         checkpoint_of("{seed}"),
     params:
@@ -179,7 +177,6 @@ for rule_name, (kind, dataset_pattern, job_budget_keys, job_seeds, job_name) in 
         name: rule_name
         input:
             checkpoints=[checkpoint_of(seed) for seed in job_seeds],
-            tracking=ancient(TRACKING),
         output:
             run_files(job_budget_keys, job_seeds),
         wildcard_constraints:

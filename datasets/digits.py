@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jpqbench.data import DataBundle, DatasetPlugin, TensorSplit, file_sha256
+from jpqbench.data import DataBundle, DatasetPlugin, MANIFEST_FILE, TensorSplit, file_sha256
 from jpqbench.errors import UserError
 from jpqbench.registry import register_dataset
 
 DATA_FILE = "digits.npz"
-MANIFEST_FILE = "MANIFEST.json"
 PREPARE_COMMAND = "jpqbench prepare --dataset digits"
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2

@@ -43,12 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jpqbench.data import DataBundle, DatasetPlugin, file_sha256
+from jpqbench.data import DataBundle, DatasetPlugin, MANIFEST_FILE, file_sha256
 from jpqbench.errors import UserError
 from jpqbench.registry import DATASETS, register_dataset
 
 PREPARE_COMMAND = "jpqbench prepare --dataset minispeech"
-MANIFEST_FILE = "MANIFEST.json"
 TREE = Path("SpeechCommands") / "speech_commands_v0.02"  # where torchaudio's SPEECHCOMMANDS looks
 NOISE_FOLDER = "_background_noise_"
 KEYWORDS = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes")  # Speech Commands' ten

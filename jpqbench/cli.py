@@ -49,11 +49,14 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from jpqbench.data import mark_prepared
     from jpqbench.registry import DATASETS
 
     config = _config(args)
     root = Path(config.data_root) / args.dataset
-    DATASETS.get(args.dataset)().prepare(root)
+    plugin = DATASETS.get(args.dataset)()
+    plugin.prepare(root)
+    mark_prepared(plugin, args.dataset, root)
     print(f"prepared {args.dataset} in {root}")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
                               SequentialSampler, default_collate)
 
+from jpqbench import atomic
 from jpqbench.errors import UserError
 
 RESIDENT_SHARE = 0.5  # in-memory splits move to a GPU when together they take at most this share of its free memory
@@ -391,6 +393,24 @@ def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     for tensor in tensors:
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+MANIFEST_FILE = "MANIFEST.json"  # written last by `jpqbench prepare`: the workflow's mark of a complete dataset
+
+
+def mark_prepared(plugin: DatasetPlugin, name: str, root: Path) -> Path:
+    """``root/MANIFEST.json`` after a successful ``prepare``: the embedded datasets write their
+    own (every file's sha256); for the others it is written here, after a full :meth:`load` has
+    checked that the data is complete and readable, and records the data fingerprint and split
+    sizes. The workflow's ``prepare`` rule has it as its output, so it must exist for every
+    dataset (a pulled or hand-placed dataset gets it from ``jpqbench prepare`` too)."""
+    manifest = Path(root) / MANIFEST_FILE
+    if not manifest.exists():
+        bundle = plugin.load(root)
+        record = {"dataset": name, "fingerprint": bundle.fingerprint,
+                  "samples": {split: len(getattr(bundle, split)) for split in ("train", "val", "test")}}
+        atomic.write_text(manifest, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return manifest
 
 
 class DatasetPlugin:

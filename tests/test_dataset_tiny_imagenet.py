@@ -8,6 +8,7 @@ Each image has a distinct flat colour, 3 grey levels from any other so JPEG keep
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from jpqbench.cli import main
 from jpqbench.data import decode_image
 from jpqbench.errors import UserError
 from jpqbench.registry import DATASETS
@@ -173,6 +175,24 @@ def test_prepare_skips_an_unzipped_copy(fake_tiny, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", no_network)
     DATASETS.get("tiny_imagenet")().prepare(fake_tiny[0])
+
+
+def test_prepare_marks_a_complete_dataset_with_its_fingerprint(fake_tiny, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jpqbench prepare` writes MANIFEST.json (the workflow's prepare output) after a full load."""
+    import shutil
+
+    root = tmp_path / "data" / "tiny_imagenet"
+    shutil.copytree(fake_tiny[0], root)
+    (tmp_path / "config.yaml").write_text(
+        f"data_root: {tmp_path / 'data'}\nseeds: [0]\nbudgets: [0.1]\nmethods: [fp32]\n"
+        "datasets: {tiny_imagenet: {models: {resnet18_64: {}}, pretrain_epochs: 1, epochs: 1, batch_size: 4, "
+        "lr: 0.1, finetune_lr: 0.01}}\n")
+    assert main(["--config", str(tmp_path / "config.yaml"), "prepare", "--dataset", "tiny_imagenet"]) == 0
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    bundle = DATASETS.get("tiny_imagenet")().load(root)
+    assert manifest == {"dataset": "tiny_imagenet", "fingerprint": bundle.fingerprint,
+                        "samples": {"train": 27, "val": 3, "test": 6}}
 
 
 def test_failed_download_explains_manual_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,3 +96,14 @@ def test_dvc_repro_runs_the_grid_through_snakemake_and_mlflow(tmp_path: Path, mo
     assert "up to date" in status.lower(), status
     _run(["dvc", "push", "-q"], work, env)
     assert any((tmp_path / "dvc-storage").rglob("*")), "dvc push stored nothing"
+
+    # a code change re-runs the grid stage, not the grid: Snakemake finds every job up to date
+    results = [*(work / "results" / "runs").rglob("metrics.json"), *(work / "results" / "checkpoints").rglob("*.pt")]
+    made = {path: path.stat().st_mtime_ns for path in results}
+    with open(work / "methods" / "uniform.py", "a") as code:
+        code.write("# a change to a method's code\n")
+    rerun = _run(["dvc", "repro"], work, env)
+    assert "Running stage 'grid'" in rerun and "Nothing to be done" in rerun, rerun
+    assert {path: path.stat().st_mtime_ns for path in results} == made
+    status = _run(["dvc", "status"], work, env)
+    assert "up to date" in status.lower(), status
