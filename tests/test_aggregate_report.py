@@ -179,16 +179,29 @@ def test_render_writes_the_html_report_tables_and_figures(runs_root: Path, tmp_p
     html = render(tmp_path / "summary.csv", tmp_path / "report")
     assert html == tmp_path / "report" / "report.html"
     text = html.read_text()
-    assert "top1_mean_pct" in text and "92" in text  # the comparison table, rendered
-    assert text.count("data:image/png;base64,") >= len(FIGURES)  # figures embedded, not linked
+    assert "92.00 ± 2.83" in text and ">0.0500<" in text  # the comparison table, as a paper prints it
+    assert "0.050000" not in text and "top1_mean_pct" not in text
+    assert "from jpqbench" not in text and "read_summary" not in text  # no code cells
+    assert "<title>jpqbench report</title>" in text and "**6 runs**" not in text and "6 runs</strong>" in text
+    assert "No paired differences" in text  # the default reference, prune_then_quantize, did not run
+    assert text.count("data:image/png;base64,") >= len(FIGURES) + 1  # figures embedded, not linked
     assert "Published numbers, as reported" in text and "Qu et al., CVPR 2025" in text
     assert "Outside the papers' regimes" in text
-    for name in ("report.ipynb", "table.csv", "table.md", "published.csv", "published.md", "outside_paper_regime.csv",
-                 *(f"{stem}.{suffix}" for stem in FIGURES for suffix in ("png", "svg"))):
+    for name in ("report.ipynb", "table.csv", "table.md", "table.tex", "paired.csv", "pairwise.csv", "published.csv",
+                 "published.md", "outside_paper_regime.csv",
+                 *(f"{stem}.{suffix}" for stem in [*FIGURES, "who_beats_whom"] for suffix in ("png", "svg"))):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     table = pd.read_csv(tmp_path / "report" / "table.csv")
     assert len(table) == 3
     assert "| digits" in (tmp_path / "report" / "table.md").read_text()
+    assert r"\begin{table*}" in (tmp_path / "report" / "table.tex").read_text()
+
+
+def test_render_refuses_a_reference_method_that_did_not_run(runs_root: Path, tmp_path: Path) -> None:
+    aggregate(runs_root, tmp_path / "summary.csv", CONFIG)
+    with pytest.raises(UserError, match="reference method 'geta' has no budgeted run") as error:
+        render(tmp_path / "summary.csv", tmp_path / "report", reference="geta")
+    assert error.value.fix == "pass --reference with one of: qat"
 
 
 PAPER_BENCHMARKS = {("cifar10", "resnet8"), ("cifar10", "resnet20"), ("cifar10", "vgg7"),
@@ -222,7 +235,7 @@ def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, t
     assert sum(int(n) for rule, n in counts.items() if rule.startswith("reference")) == len(free)
     assert int(counts["pretrain"]) == len({(p.dataset, p.model, p.seed) for p in points})
     assert int(counts["prepare"]) == len(config.datasets)
-    assert counts["tracking"] == counts["aggregate"] == counts["report"] == "1"
+    assert counts["aggregate"] == counts["report"] == "1"
     if config_file.endswith("paper.yaml"):
         assert set(config.benchmarks()) == PAPER_BENCHMARKS
         assert len(config.budgets) >= 5 and len(config.seeds) >= 3
