@@ -159,12 +159,13 @@ def _batch_seed(base: int, number: int) -> int:
 
 @contextmanager
 def _seeded(seed: int | None) -> Iterator[None]:
-    """torch's CPU generator seeded with ``seed`` for the block, and restored after it."""
+    """torch's CPU generator seeded with ``seed`` for the block, and restored after it (the CPU's
+    only: ``torch.manual_seed`` would reseed the GPU's generator too, which is not restored)."""
     if seed is None:
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
