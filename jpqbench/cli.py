@@ -1,6 +1,6 @@
 """The ``jpqbench`` command line. Every Snakemake rule calls one of these subcommands.
 
-    jpqbench list methods|datasets|models
+    jpqbench list methods|datasets|models|cost-models
     jpqbench prepare   --dataset D
     jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
     jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size]
@@ -39,9 +39,13 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from jpqbench.registry import DATASETS, METHODS, MODELS
+    from jpqbench.registry import COST_MODELS, DATASETS, METHODS, MODELS
 
-    registry = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}[args.what]
+    if args.what == "cost-models":
+        from jpqbench.hw_cost import discover_cost_models
+
+        discover_cost_models()
+    registry = {"methods": METHODS, "datasets": DATASETS, "models": MODELS, "cost-models": COST_MODELS}[args.what]
     for name in registry.names():
         obj = registry.get(name)
         summary = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
@@ -259,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
-    p = command("list", help="show registered methods, datasets or models")
-    p.add_argument("what", choices=["methods", "datasets", "models"])
+    p = command("list", help="show registered methods, datasets, models or hardware cost models")
+    p.add_argument("what", choices=["methods", "datasets", "models", "cost-models"])
     p.set_defaults(func=cmd_list)
 
     p = command("prepare", help="put a dataset on disk under the config's data_root")

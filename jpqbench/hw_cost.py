@@ -138,9 +138,7 @@ def get_cost_model(name: str) -> CostModel:
     if name not in known:
         raise UserError(f"unknown cost model {name!r}",
                         f"use one of: {', '.join(known)}, or add one in cost_models/ (see jpqbench/hw_cost.py)")
-    cls = COST_MODELS.get(name)
-    cls.name = name
-    return cls()
+    return COST_MODELS.get(name)()
 
 
 @torch.no_grad()

@@ -175,7 +175,7 @@ class Method:
             self.hp = self.Hparams(**hparams)
         except ValidationError as error:
             raise UserError(f"invalid hyperparameters for method {self.name!r}: {error}",
-                            f"see the Hparams of methods/{self.name}.py") from None
+                            f"see the Hparams of {METHODS.file_of(self.name)}") from None
 
     def compress(self, model: nn.Module, budget: Budget | None, ctx: RunContext) -> Compressed:
         raise NotImplementedError
@@ -215,10 +215,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def get_method(spec: str) -> type[Method]:
     """The plugin class of a method name or variant spec."""
-    name, _ = parse_method_spec(spec)
-    cls = METHODS.get(name)
-    cls.name = name
-    return cls
+    return METHODS.get(parse_method_spec(spec)[0])
 
 
 def make_method(spec: str, method_params: dict[str, dict[str, Any]] | None = None) -> Method:

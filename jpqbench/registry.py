@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -36,12 +37,18 @@ PLUGIN_PATH_ENV = "JPQBENCH_PLUGIN_PATH"
 
 
 class Registry(Generic[T]):
-    """A name -> object table filled by a decorator."""
+    """A name -> object table filled by a decorator, which records the file each entry came from.
 
-    def __init__(self, kind: str) -> None:
+    ``names_classes``: the registered classes carry their registered name as ``cls.name`` (methods,
+    cost models), set when they register -- so the class is complete however it is looked up.
+    """
+
+    def __init__(self, kind: str, names_classes: bool = False) -> None:
         self.kind = kind
+        self.names_classes = names_classes
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+        self._files: dict[str, Path | None] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@registry.register("name")`` stores the decorated object."""
@@ -54,11 +61,22 @@ class Registry(Generic[T]):
                     f"({self._origin[name]} and {origin})",
                     f"rename one of them; {self.kind} names must be unique",
                 )
+            if self.names_classes:
+                obj.name = name  # type: ignore[attr-defined]
             self._items[name] = obj
             self._origin[name] = origin
+            source = inspect.getsourcefile(obj) if callable(obj) else None
+            self._files[name] = Path(source) if source else None
             return obj
 
         return decorator
+
+    def file_of(self, name: str) -> str:
+        """Where ``name`` is defined: its file, relative to the project where it lies inside it."""
+        path = self._files.get(name)
+        if path is None:
+            return f"the {self.kind} {name!r}"
+        return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
     def get(self, name: str) -> T:
         discover_plugins()
@@ -75,10 +93,10 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
 
-METHODS: Registry = Registry("method")
+METHODS: Registry = Registry("method", names_classes=True)
 DATASETS: Registry = Registry("dataset")
 MODELS: Registry = Registry("model")
-COST_MODELS: Registry = Registry("cost model")  # hardware cost models (jpqbench/hw_cost.py, cost_models/)
+COST_MODELS: Registry = Registry("cost model", names_classes=True)  # hardware cost models (jpqbench/hw_cost.py, cost_models/)
 
 register_method = METHODS.register
 register_dataset = DATASETS.register

@@ -32,6 +32,35 @@ def test_builtin_plugins_are_registered() -> None:
     assert "digits" in DATASETS.names() and {"resnet8", "resnet20", "digits_cnn", "resnet18"} <= set(MODELS.names())
 
 
+def test_a_class_carries_its_registered_name_and_file_however_it_is_looked_up() -> None:
+    """The name is set at registration: a class taken straight from the registry (not through
+    get_method) is complete, and the file it came from is recorded (several methods share one)."""
+    from jpqbench.hw_cost import cost_model_names
+    from jpqbench.registry import COST_MODELS
+
+    assert all(METHODS.get(name).name == name for name in METHODS.names())
+    assert all(COST_MODELS.get(name).name == name for name in cost_model_names())
+    assert (METHODS.file_of("ptq"), METHODS.file_of("prune_then_quantize")) == ("methods/uniform.py",
+                                                                                 "methods/sequential.py")
+    assert DATASETS.file_of("cifar10") == "datasets/cifar10.py"
+
+
+def test_invalid_hyperparameters_point_to_the_file_that_defines_them() -> None:
+    from jpqbench.methods_api import make_method
+
+    with pytest.raises(UserError) as info:
+        make_method("ptq[no_such_knob=1]")
+    assert "invalid hyperparameters for method 'ptq'" in info.value.problem
+    assert info.value.fix == "see the Hparams of methods/uniform.py"
+
+
+def test_list_shows_cost_models(capsys: pytest.CaptureFixture[str]) -> None:
+    from jpqbench.cli import main
+
+    assert main(["list", "cost-models"]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} >= {"bops", "size", "mpic"}
+
+
 @pytest.mark.parametrize("registry_, kind, known", [
     (METHODS, "method", "fp32"), (DATASETS, "dataset", "digits"), (MODELS, "model", "resnet20")])
 def test_unknown_name_lists_the_known_ones(registry_, kind: str, known: str) -> None:
