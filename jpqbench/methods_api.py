@@ -166,6 +166,10 @@ class Method:
     # False for a method that never trains (the FP32 reference, post-training quantization): its
     # context grants no epochs, so it cannot train by accident, and `jpqbench estimate` counts none
     trains: ClassVar[bool] = True
+    # hyperparameters that turn the method's own searches down to a few steps (benchopt's
+    # test_parameters): the test suite runs every registered method with them on every model of
+    # the papers' grid, so a new method needs no test edit
+    test_hparams: ClassVar[dict[str, Any]] = {}
 
     class Hparams(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -261,6 +261,9 @@ class AJPQ(Method):
     a BOPs budget below that is flagged ``outside_paper_regime``.
     """
 
+    test_hparams = {"episodes": 2, "warmup_episodes": 1, "calibration_batches": 1, "reward_calibration_batches": 1,
+                   "reward_train_samples": 4, "reward_val_samples": 4, "agent_batch_size": 4, "hidden": (16,)}
+
     class Hparams(Method.Hparams):
         episodes: int = Field(600, ge=1, description="search episodes, warm-up included (HAQ: 600)")
         warmup_episodes: int = Field(20, ge=0, description="episodes of uniformly random actions before DDPG acts "

@@ -768,6 +768,8 @@ class CWMPQ(Method):
     and equivalent harness UniformQuantizers for the inputs, so model.pt loads without this plugin.
     """
 
+    test_hparams = {"calibration_batches": 1}
+
     class Hparams(Method.Hparams):
         w_precisions: tuple[int, ...] = Field((0, 2, 4, 8), description="weight precisions each output channel "
                                               "chooses among (bits; 0 = pruned)")

@@ -530,6 +530,8 @@ class DJPQ(Method):
       (SGD, lr 0.01) and are kept at every scale.
     """
 
+    test_hparams = {"calibration_batches": 1}
+
     class Hparams(Method.Hparams):
         kl_weight: float = Field(1.7e-4, ge=0, description="gamma: weight of the summed gate KL (nats) in the "
                                  "loss, dimensionless; per benchmark so that the KL term at initialisation is "

@@ -85,6 +85,8 @@ class Geta(Method):
     saliency (for the budget derivation, before any step) uses raw gradients.
     """
 
+    test_hparams = {"calibration_batches": 1, "projection_periods": 1, "pruning_periods": 1}
+
     class Hparams(Method.Hparams):
         mode: Literal["weight", "weight_activation"] = Field(
             "weight_activation", description="what is quantized: weights only, or weights and every conv/linear "

@@ -198,6 +198,8 @@ class NonCommutative(Method):
       each event falls at the same point of the cosine as in the paper.
     """
 
+    test_hparams = {"window": 1}
+
     class Hparams(Method.Hparams):
         order: Literal["pq", "qp", "q"] = Field(
             "pq", description="the paper's CIFAR-10 schedule: pq prune first, qp quantize first, q quantize only")

@@ -20,6 +20,8 @@ from jpqbench.sequential import run_sequential
 class _Sequential(Method):
     order: ClassVar[Literal["pq", "qp"]]
 
+    test_hparams = {"calibration_batches": 1}
+
     class Hparams(Method.Hparams):
         bits: int = Field(8, ge=2, le=16, description="uniform weight and activation bits of the quantization stage")
         prune_fraction: float = Field(0.5, gt=0, lt=1, description="share of the run's epochs that follow the "

@@ -20,6 +20,8 @@ from jpqbench.uniform import quantize_within_budget
 class _Uniform(Method):
     learn_step: ClassVar[bool]
 
+    test_hparams = {"calibration_batches": 1}
+
     class Hparams(Method.Hparams):
         calibration_batches: int = Field(8, ge=1, description="training batches of min/max calibration")
 

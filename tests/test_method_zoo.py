@@ -9,7 +9,7 @@ their dataset's own input shape. Data are a few random batches; the randomly ini
 first gets BN statistics that fit its activations, as a pretrained FP32 start has them (with
 the initial ones, MobileNetV2's deep activations shrink to ~1e-7 in eval mode and calibrated
 learned quantizers get steps of ~1e-13 whose gradients explode). Training is 1 epoch of a few
-steps, with each method's search knobs turned down (SMALL_HPARAMS); the figures say nothing
+steps, with each method's search knobs turned down (its ``test_hparams``); the figures say nothing
 about accuracy. Cases of the ImageNet models and of models above SLOW_MACS are marked slow.
 """
 from __future__ import annotations
@@ -32,20 +32,9 @@ TEST_SIDE = 32
 # cases of models above this many MACs per sample at the test input (VGG7, the 64x64 ResNet-18 at
 # 32x32) are slow, as are the ImageNet models'
 SLOW_MACS = 100e6
-# the search knobs of each method, turned down to a few steps (1 epoch of STEPS steps is the run)
-SMALL_HPARAMS: dict[str, dict] = {
-    "ajpq": {"episodes": 2, "warmup_episodes": 1, "calibration_batches": 1, "reward_calibration_batches": 1,
-             "reward_train_samples": 4, "reward_val_samples": 4, "agent_batch_size": 4, "hidden": (16,)},
-    "cwmpq": {"calibration_batches": 1},
-    "djpq": {"calibration_batches": 1},
-    "geta": {"calibration_batches": 1, "projection_periods": 1, "pruning_periods": 1},
-    "noncomm": {"window": 1},
-    "prune_then_quantize": {"calibration_batches": 1},
-    "quantize_then_prune": {"calibration_batches": 1},
-    "ptq": {"calibration_batches": 1},
-    "qat": {"calibration_batches": 1},
-}
 SLOW_DATASETS = {"imagenet"}
+
+
 def _grid() -> list[tuple[str, str]]:
     return load_config(PROJECT_ROOT / "config" / "paper.yaml").benchmarks()
 
@@ -104,7 +93,7 @@ def test_method_compresses_the_papers_model_within_budget_with_an_honest_plan(
     ctx = _context(tmp_path, model_name, shape, plugin.num_classes)
     with torch.no_grad():  # BN statistics that fit the activations, as a pretrained FP32 start has them
         recalibrate_batchnorm(model, ctx.calibration_batches(STEPS))
-    instance = get_method(method)(**SMALL_HPARAMS.get(method, {}))
+    instance = get_method(method)(**get_method(method).test_hparams)
     budget = BUDGET if instance.takes_budget else None
     compressed = instance.compress(model, budget, ctx)
     batch = next(iter(ctx.calibration_batches(1)))
