@@ -1,6 +1,6 @@
 """The ``jpqbench`` command line. Every Snakemake rule calls one of these subcommands.
 
-    jpqbench list methods|datasets|models|cost-models
+    jpqbench list methods|datasets|models|cost-models [-v]
     jpqbench prepare   --dataset D
     jpqbench pretrain  --dataset D [--model M] --seed S [--out CKPT]
     jpqbench run       --method M --dataset D [--model M] [--budget 0.05 ... --budget-metric bops|size]
@@ -50,6 +50,10 @@ def cmd_list(args: argparse.Namespace) -> None:
         obj = registry.get(name)
         summary = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
         print(f"{name:24s} {summary}")
+        if args.verbose and args.what == "methods":
+            print(f"{'':24s} defined in {registry.file_of(name)}")
+            for field, info in obj.Hparams.model_fields.items():
+                print(f"{'':24s}   {field} = {info.default!r}: {info.description}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("list", help="show registered methods, datasets, models or hardware cost models")
     p.add_argument("what", choices=["methods", "datasets", "models", "cost-models"])
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="methods: also each one's file and hyperparameters (default and description)")
     p.set_defaults(func=cmd_list)
 
     p = command("prepare", help="put a dataset on disk under the config's data_root")

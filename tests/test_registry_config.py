@@ -54,6 +54,20 @@ def test_invalid_hyperparameters_point_to_the_file_that_defines_them() -> None:
     assert info.value.fix == "see the Hparams of methods/uniform.py"
 
 
+def test_every_hyperparameter_is_described_and_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    from jpqbench.cli import main
+
+    fields = {(name, field): info for name in METHODS.names()
+              for field, info in METHODS.get(name).Hparams.model_fields.items()}
+    assert all(info.description for info in fields.values()), [key for key, info in fields.items()
+                                                                 if not info.description]
+    assert main(["list", "methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "defined in methods/uniform.py" in out
+    for (name, field), info in fields.items():
+        assert f"   {field} = {info.default!r}: {info.description}" in out, (name, field)
+
+
 def test_list_shows_cost_models(capsys: pytest.CaptureFixture[str]) -> None:
     from jpqbench.cli import main
 
