@@ -20,9 +20,9 @@ The data. CIFAR-10: a fixture in torchvision's ``cifar-10-batches-py`` format (5
 batches of random uint8 images, as many as the timed steps need), loaded by the cifar10 plugin
 (its uint8 ``TensorSplit`` with batched crop+flip augmentation). The plain loop holds the same
 uint8 images in one tensor on the device, indexes a random permutation batch by batch, and
-augments with :func:`jpqbench.augment.random_crop_flip` + normalisation -- the harness's own
-batched augmentation, reused so that the comparison measures the loop, not two augmentation
-kernels. ImageNet: an ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) of
+augments and normalises with :class:`jpqbench.augment.ImageBatches` at the plugin's settings --
+the harness's own batched augmentation, reused so that the comparison measures the loop, not two
+augmentation kernels. ImageNet: an ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) of
 500x375 JPEGs, decoded per sample by the imagenet plugin's ``ImageFiles`` (RandomResizedCrop(224)
 + flip). The plain loop reads the same ``ImageFiles`` through a plain ``DataLoader`` with the
 same worker count (``--train-workers``), prefetching and pinned memory, so the comparison
@@ -94,7 +94,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from jpqbench.augment import random_crop_flip
+from jpqbench.augment import ImageBatches
 from jpqbench.config import TrainRecipe, load_config
 from jpqbench.data import DataBundle
 from jpqbench.distributed import describe_device, resolve_device
@@ -112,11 +112,7 @@ STEPS = {
 }
 CPU_BATCH = {"imagenet/resnet18": 16}
 LOADER_BATCHES = 5  # timed batches of a loader-only measurement, after one untimed batch
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # datasets/cifar10.py's normalisation
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-CIFAR_PADDING = 4
 CIFAR_BATCH_FILES = 5
-CIFAR_VAL_SHARE = 0.1  # of the training batches, held out by the plugin as val
 IMAGENET_CLASSES = 4
 IMAGENET_VAL_PER_CLASS = 10  # training images per class the plugin holds out as val
 JPEG_SIZE = (500, 375)  # ImageNet's typical width x height
@@ -313,15 +309,20 @@ def plain_timing(benchmark: Benchmark, batches: Iterable[tuple[torch.Tensor, tor
     return measured(model, train, StepClock(device, benchmark))
 
 
+def _cifar10_plugin():
+    """datasets/cifar10.py as the registry loaded it (plugins are loaded by path, not importable by name)."""
+    return sys.modules[DATASETS.get("cifar10").__module__]
+
+
 def tensor_batches(images: torch.Tensor, targets: torch.Tensor, batch_size: int,
                    generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled full batches of uint8 ``images`` where they live, cropped, flipped and normalised."""
-    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device).view(1, -1, 1, 1)
+    cifar = _cifar10_plugin()  # its normalisation and crop padding
+    transform = ImageBatches(cifar.MEAN, cifar.STD, padding=cifar.PADDING).to(images.device)
     order = torch.randperm(len(targets), generator=generator).to(images.device)
     for start in range(0, len(order) - batch_size + 1, batch_size):
         index = order[start:start + batch_size]
-        yield (random_crop_flip(images[index], CIFAR_PADDING).float() / 255 - mean) / std, targets[index]
+        yield transform(images[index]), targets[index]
 
 
 def file_batches(dataset: Dataset, batch_size: int, workers: int,
@@ -439,7 +440,7 @@ def measure_cifar10(group: list[Benchmark], root: Path, device: torch.device,
     """The CIFAR-10 benchmarks on one fixture sized for the largest, each as it is measured."""
     needed = max(b.images_needed for b in group)
     # + 20 a file: a margin for the stratified split, which also needs 10 val images at least (one a class)
-    per_batch = math.ceil(needed / ((1 - CIFAR_VAL_SHARE) * CIFAR_BATCH_FILES)) + 20
+    per_batch = math.ceil(needed / ((1 - _cifar10_plugin().VAL_FRACTION) * CIFAR_BATCH_FILES)) + 20
     images, targets = write_cifar10_fixture(root, per_batch, np.random.default_rng(0))
     images, targets = images.to(device), targets.to(device)
     bundle = placed(DATASETS.get("cifar10")(verify_checksums=False).load(root), device)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -170,13 +171,14 @@ def _seeded(seed: int | None) -> Iterator[None]:
 
 
 class _Batches(Sampler):
-    """The batches of one pass over a split (or over its samples ``indices``): in the order of a
+    """The batches of one pass over ``split`` (or over its samples ``indices``): in the order of a
     ``generator``-seeded permutation (each rank its shard under torch.distributed) or in order,
     each with its augmentation seed when ``augment_base`` is set. A persistent loader keeps one
     and is handed each epoch's generator through :meth:`restart`."""
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, indices: Sequence[int] | None) -> None:
-        self.size, self.batch_size, self.shuffle, self.indices = size, batch_size, shuffle, indices
+    def __init__(self, split: Dataset, batch_size: int, shuffle: bool, indices: Sequence[int] | None) -> None:
+        self.size = len(split) if indices is None else len(indices)
+        self.batch_size, self.shuffle, self.indices = batch_size, shuffle, indices
         self.generator: torch.Generator | None = None
         self.augment_base: int | None = None
 
@@ -202,7 +204,7 @@ class _Batches(Sampler):
 
     def __len__(self) -> int:
         shards = torch.distributed.get_world_size() if self.shuffle and torch.distributed.is_initialized() else 1
-        return -(-(-(-self.size // shards)) // self.batch_size)
+        return math.ceil(math.ceil(self.size / shards) / self.batch_size)  # DistributedSampler pads each shard
 
 
 class _SeededFetch(Dataset):
@@ -301,7 +303,7 @@ class DataBundle:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             augment_base = _batch_seed(generator.initial_seed() if generator is not None else 0, rank)
         if in_memory:
-            batches = _Batches(len(source) if indices is None else len(indices), batch_size, shuffle, indices)
+            batches = _Batches(source, batch_size, shuffle, indices)
             return _TensorBatches(source, batches.restart(generator, augment_base), self.device)
         return self._file_loader(split, source, batch_size, shuffle, indices).restart(generator, augment_base)
 
@@ -312,7 +314,7 @@ class DataBundle:
         key = (split, batch_size, shuffle, None if indices is None else tuple(indices))
         if key in self._loaders:
             return self._loaders[key]
-        batches = _Batches(len(source) if indices is None else len(indices), batch_size, shuffle, indices)
+        batches = _Batches(source, batch_size, shuffle, indices)
         workers = {"num_workers": self.workers, "persistent_workers": True,
                    "prefetch_factor": PREFETCH_BATCHES} if self.workers else {}
         # its own generator: creating an iterator draws the workers' base seed, which must not
