@@ -23,21 +23,9 @@
 # The project is not pip-installed: its pyproject pins torch 2.14.1 and Python 3.11, while
 # the GPU machine's image has its own torch and Python 3.12 and no network. PYTHONPATH puts the
 # working tree first instead. Packages that the image lacks are installed from wheels in
-# ${WHEELS:-.whl} (a folder of the working tree) when it holds any; make it on a machine with
-# network access, in the repository root, with `echo /.whl/ >> .git/info/exclude` and, for each
-# package, the device README's `python3 -m pip download --no-deps --only-binary=:all:
-# --python-version 3.12 ... -d .whl NAME==VERSION`, then name `.whl` in the run's `carry`.
-# By the image's package list (the device tool's KINDS.md, read 2026-11-17) the harness
-# (throughput, and importing every plugin) needs: pydantic pydantic-core annotated-types
-# typing-inspection torch-pruning gymnasium farama-notifications stable-baselines3; the tests
-# (`jpqbench run` logs to MLflow) also mlflow, mlflow-skinny, mlflow-tracing and their
-# dependencies missing from the image (alembic sqlalchemy greenlet mako flask flask-cors
-# blinker itsdangerous gunicorn graphene graphql-core graphql-relay docker sqlparse cachetools
-# databricks-sdk google-auth pyasn1 pyasn1-modules fastapi starlette uvicorn gitpython gitdb
-# smmap opentelemetry-api opentelemetry-sdk opentelemetry-proto
-# opentelemetry-semantic-conventions importlib-metadata python-dotenv huey skops prettytable
-# wcwidth cryptography cffi pycparser). A part whose packages are missing is skipped, naming
-# them.
+# ${WHEELS:-.whl} (a folder of the working tree) when it holds any: `bash scripts/device_wheels.sh`
+# fetches them here (the list and the versions are there), then name `.whl` in the run's `carry`.
+# A part whose packages are missing is skipped, naming them.
 set -euo pipefail
 
 OUT=${OUT:-/tmp/device_check}
