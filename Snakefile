@@ -4,15 +4,19 @@
     snakemake --profile profiles/slurm --configfile config/paper.yaml
 
 Every rule calls the `jpqbench` CLI and nothing else; the grid itself (which runs exist and
-where they live) comes from jpqbench.grid, the same definition `jpqbench aggregate`
+where they live) comes from jpqbench.pipeline.grid, the same definition `jpqbench aggregate`
 reads back, so the workflow and the summary can never disagree about what the grid is.
 """
 import os
 import re
+from pathlib import Path
 
-from jpqbench.grid import REFERENCE_KEY, budget_from_key, grid
-from jpqbench.methods_api import Budget, make_method
-from jpqbench.config import load_config
+import jpqbench
+
+from jpqbench.pipeline.grid import REFERENCE_KEY, budget_from_key, grid
+from jpqbench.base.budget import Budget
+from jpqbench.base.method_spec import make_method
+from jpqbench.base.config import load_config
 
 # Training jobs pin torch's CPU threads to the job's `threads` (OMP_NUM_THREADS below): torch
 # would otherwise start one thread per core in every parallel job, and oversubscribed cores
@@ -35,6 +39,8 @@ CONFIG_FILE = os.path.relpath(workflow.overwrite_configfiles[0] if workflow.over
 # recipe and hyperparameters it holds are, and are params of the rules that use them.
 # A bad key or an unregistered method/dataset/model stops the workflow here, naming the key.
 cfg = load_config(CONFIG_FILE)
+# the report's notebook and published numbers, wherever the jpqbench in use is installed
+REPORT_FILES = Path(jpqbench.__file__).parent / "pipeline"
 
 DATA = cfg.data_root
 RESULTS = cfg.results_root
@@ -210,8 +216,8 @@ rule aggregate:
 rule report:
     input:
         summary=f"{RESULTS}/summary.csv",
-        notebook="analysis/report.ipynb",
-        published="results/reference/published.csv",
+        notebook=REPORT_FILES / "report.ipynb",
+        published=REPORT_FILES / "published.csv",
     output:
         report(directory(f"{RESULTS}/report"), patterns=["{name}.html", "{name}.png", "{name}.csv"],
                category="Benchmark report"),

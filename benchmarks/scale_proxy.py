@@ -41,13 +41,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jpqbench.config import MethodParams, TrainRecipe, load_config
-from jpqbench.cost import count
-from jpqbench.data import DataBundle
-from jpqbench.methods_api import Budget, RunContext, make_method
-from jpqbench.plan import CompressionPlan, verify_plan
-from jpqbench.registry import DATASETS
-from jpqbench.runner import build_model, seed_everything
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import MethodParams, TrainRecipe, load_config
+from jpqbench.base.method_spec import make_method
+from jpqbench.base.registry import DATASETS
+from jpqbench.harness.data import DataBundle
+from jpqbench.harness.method import RunContext
+from jpqbench.pipeline.runner import build_model, seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "config" / "paper.yaml"

@@ -6,7 +6,7 @@
 
 For each (dataset, model) it prints, and writes to ``--json``:
 
-* **harness** img/s: :func:`jpqbench.train.fit` on the dataset plugin's bundle, moved with
+* **harness** img/s: :func:`jpqbench.harness.train.fit` on the dataset plugin's bundle, moved with
   ``DataBundle.to(device)`` -- the loop every method trains through (its loader, per-batch
   augmentation seeding, device-side loss/accuracy sums, divergence flag, compute clock, hooks);
 * **plain** img/s: the loop an expert writes for the same model (same initial weights), batch
@@ -20,7 +20,7 @@ The data. CIFAR-10: a fixture in torchvision's ``cifar-10-batches-py`` format (5
 batches of random uint8 images, as many as the timed steps need), loaded by the cifar10 plugin
 (its uint8 ``TensorSplit`` with batched crop+flip augmentation). The plain loop holds the same
 uint8 images in one tensor on the device, indexes a random permutation batch by batch, and
-augments and normalises with :class:`jpqbench.augment.ImageBatches` at the plugin's settings --
+augments and normalises with :class:`jpqbench.harness.augment.ImageBatches` at the plugin's settings --
 the harness's own batched augmentation, reused so that the comparison measures the loop, not two
 augmentation kernels. ImageNet: an ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) of
 500x375 JPEGs, decoded per sample by the imagenet plugin's ``ImageFiles`` (RandomResizedCrop(224)
@@ -59,7 +59,7 @@ of the repeats' ratios, each from two measurements of the same repeat, so slow d
 machine's load cancel.
 
 Determinism. A CUDA run of the harness asks torch for deterministic kernels and cuBLAS for its
-deterministic workspace (``jpqbench.runner.seed_everything``), which an expert's loop would not
+deterministic workspace (``jpqbench.pipeline.runner.seed_everything``), which an expert's loop would not
 do; the workspace setting holds for the whole process, the kernels' switch is set per variant. On CUDA the harness
 is therefore measured twice: as a run trains (``harness``, deterministic kernels: its img/s is
 what ``img_per_s`` reports) and with torch's defaults (``harness_loop``, the loop alone). On the
@@ -94,12 +94,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from jpqbench.augment import ImageBatches
-from jpqbench.config import TrainRecipe, load_config
-from jpqbench.data import DataBundle
-from jpqbench.distributed import describe_device, resolve_device
-from jpqbench.registry import DATASETS, MODELS
-from jpqbench.train import TrainHooks, TrainSpec, default_param_groups, fit
+from jpqbench.base.config import TrainRecipe, load_config
+from jpqbench.base.registry import DATASETS, MODELS
+from jpqbench.harness.augment import ImageBatches
+from jpqbench.harness.data import DataBundle
+from jpqbench.harness.distributed import describe_device, resolve_device
+from jpqbench.harness.train import TrainHooks, TrainSpec, default_param_groups, fit
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "config" / "paper.yaml"
@@ -310,7 +310,7 @@ def plain_timing(benchmark: Benchmark, batches: Iterable[tuple[torch.Tensor, tor
 
 
 def _cifar10_plugin():
-    """datasets/cifar10.py as the registry loaded it (plugins are loaded by path, not importable by name)."""
+    """jpqbench/datasets/cifar10.py as the registry loaded it (plugins are loaded by path, not importable by name)."""
     return sys.modules[DATASETS.get("cifar10").__module__]
 
 
@@ -331,7 +331,7 @@ def file_batches(dataset: Dataset, batch_size: int, workers: int,
     prefetch depth, pinned memory on a GPU), on ``device``."""
     options = {}
     if workers:
-        from jpqbench.data import PREFETCH_BATCHES  # a harness with workers has it
+        from jpqbench.harness.data import PREFETCH_BATCHES  # a harness with workers has it
 
         options = {"num_workers": workers, "prefetch_factor": PREFETCH_BATCHES}
     loader = DataLoader(dataset, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
@@ -487,7 +487,7 @@ def measure_imagenet(benchmark: Benchmark, root: Path, device: torch.device, rep
 
 def auto_workers() -> int:
     """The harness's ``loader_workers: auto`` on this machine."""
-    from jpqbench.data import loader_workers
+    from jpqbench.harness.data import loader_workers
 
     return loader_workers("auto")
 
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    if device.type == "cuda":  # before cuBLAS starts, as jpqbench.runner.seed_everything sets it for a CUDA run
+    if device.type == "cuda":  # before cuBLAS starts, as jpqbench.pipeline.runner.seed_everything sets it for a CUDA run
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     chosen = benchmarks(args.models, device, args)
     report = {"device": describe_device(device), "torch": torch.__version__, "threads": args.threads,

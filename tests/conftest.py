@@ -61,7 +61,7 @@ class DigitsWorkspace:
 @pytest.fixture(scope="session")
 def digits_workspace(tmp_path_factory: pytest.TempPathFactory) -> DigitsWorkspace:
     """digits prepared and digits_cnn pretrained (seed 0) once per session, via the CLI."""
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     root = tmp_path_factory.mktemp("digits_ws")
     config = write_config(root / "config.yaml", root)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from jpqbench.cli import main
-from jpqbench.distributed import is_main_process, rank
-from jpqbench.methods_api import Compressed, Method
-from jpqbench.plan import plan_from_model
-from jpqbench.registry import METHODS, register_method
+from jpqbench.accounting.plan import plan_from_model
+from jpqbench.base.registry import METHODS, register_method
+from jpqbench.harness.distributed import is_main_process, rank
+from jpqbench.harness.method import Compressed, Method
+from jpqbench.pipeline.cli import main
 
 
 @register_method("rank_dependent")

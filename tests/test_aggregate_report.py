@@ -16,15 +16,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from paths import REPO_ROOT
 
-from jpqbench.aggregate import COLUMNS, aggregate, read_summary
-from jpqbench.grid import GridPoint, budget_from_key
-from jpqbench.config import BenchConfig
-from jpqbench.errors import UserError
-from jpqbench.report import (FIGURES, PUBLISHED, PUBLISHED_COLUMNS, comparison_table, outside_paper_regime,
-                             published_beside_ours, read_published, render)
+from jpqbench.base.config import BenchConfig
+from jpqbench.base.errors import UserError
+from jpqbench.pipeline.aggregate import COLUMNS, aggregate, read_summary
+from jpqbench.pipeline.grid import GridPoint, budget_from_key
+from jpqbench.pipeline.report import (
+    FIGURES,
+    PUBLISHED,
+    PUBLISHED_COLUMNS,
+    comparison_table,
+    outside_paper_regime,
+    published_beside_ours,
+    read_published,
+    render,
+)
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = REPO_ROOT
 
 # (method, budget, seed, top1, relative_bops, target_met, status): the grid of CONFIG below
 # (fp32 + qat at two budgets, seeds 0 and 1), plus one failed qat run and one stale run of a
@@ -213,12 +222,12 @@ PAPER_BENCHMARKS = {("cifar10", "resnet8"), ("cifar10", "resnet20"), ("cifar10",
 @pytest.mark.parametrize("config_file", ["config/config.yaml", "config/paper.yaml"])
 def test_snakemake_dry_run_lists_the_whole_grid_without_data(config_file: str, tmp_path: Path) -> None:
     """`snakemake -n` plans every run of the config from a folder with no data and no results."""
-    from jpqbench.config import load_config
-    from jpqbench.grid import grid
+    from jpqbench.base.config import load_config
+    from jpqbench.pipeline.grid import grid
 
     config = load_config(PROJECT / config_file)
     points = grid(config)
-    for name in ("Snakefile", "config", "analysis", "results/reference"):  # a fresh folder: no data, no runs
+    for name in ("Snakefile", "config"):  # a fresh folder: no data, no runs
         copy = shutil.copytree if (PROJECT / name).is_dir() else shutil.copy
         copy(PROJECT / name, tmp_path / name)
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", config_file],

@@ -1,4 +1,4 @@
-"""AJPQ (methods/ajpq.py, jpqbench/ajpq_env.py): the budget wall holds whatever both controllers do,
+"""AJPQ (jpqbench/methods/ajpq.py, jpqbench/blocks/ajpq/env.py): the budget wall holds whatever both controllers do,
 ratios prune round(r*C) channels per dependency group, per-channel bits follow importance, 0-bit
 channels are zero, the reward never sees the test split, both agents learn, a seed reproduces
 the search, and a CLI run reaches its budget."""
@@ -12,22 +12,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DigitsWorkspace
 from scipy.stats import truncnorm
 from torch.utils.data import Dataset
 
-from conftest import DigitsWorkspace
-from jpqbench.ajpq_env import (A_BITS, CHANNEL_ACTIONS, RATIO, W_LEVEL, W_SPREAD, BudgetWall, ChannelBitsQuantizer,
-                               ChannelControllerEnv, LayerControllerEnv, PolicySpace, apply_policy, calibrate_policy)
-from jpqbench.cli import main
-from jpqbench.config import TrainRecipe
-from jpqbench.cost import count
-from jpqbench.data import DataBundle, TensorSplit, stratified_subset
-from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers
-from jpqbench.methods_api import Budget, RunContext, make_method
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan, plan_from_model
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import TrainRecipe
+from jpqbench.base.errors import UserError
+from jpqbench.base.method_spec import make_method
+from jpqbench.blocks.ajpq.env import (
+    A_BITS,
+    CHANNEL_ACTIONS,
+    RATIO,
+    W_LEVEL,
+    W_SPREAD,
+    BudgetWall,
+    ChannelBitsQuantizer,
+    ChannelControllerEnv,
+    LayerControllerEnv,
+    PolicySpace,
+    apply_policy,
+    calibrate_policy,
+)
+from jpqbench.harness.data import DataBundle, TensorSplit, stratified_subset
+from jpqbench.harness.method import RunContext
 from jpqbench.models.zoo import digits_cnn, ds_cnn
-from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan
-from jpqbench.prune import ChannelGroups
+from jpqbench.nn.channel_pruning import ChannelGroups
+from jpqbench.nn.layers import compressible_layers
+from jpqbench.pipeline.cli import main
 
 MODELS = {"digits_cnn": (digits_cnn, (1, 8, 8), 10), "ds_cnn": (ds_cnn, (1, 49, 10), 12)}
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -344,7 +359,7 @@ def test_cli_run_with_a_few_episodes_reaches_its_budget(digits_workspace: Digits
 # ---- the reward's data and HAQ's exploration ----------------------------------------------------
 
 def _ajpq_module():
-    """methods/ajpq.py as loaded by the registry (plugins are loaded by path, not importable by name)."""
+    """jpqbench/methods/ajpq.py as loaded by the registry (plugins are loaded by path, not importable by name)."""
     return sys.modules[type(make_method("ajpq")).__module__]
 
 

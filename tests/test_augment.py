@@ -1,12 +1,12 @@
-"""Batched augmentation (jpqbench.augment): the same transforms as the per-image references,
+"""Batched augmentation (jpqbench.harness.augment): the same transforms as the per-image references,
 drawn from torch's CPU generator so a seed gives the same batch on every device."""
 from __future__ import annotations
 
 import torch
+from simulated_gpu import simulated_gpu
 from torchvision.transforms.v2 import functional as TF
 
-from jpqbench.augment import ImageBatches, random_crop_flip, random_shift_and_noise
-from simulated_gpu import simulated_gpu
+from jpqbench.harness.augment import ImageBatches, random_crop_flip, random_shift_and_noise
 
 PADDING = 4
 

@@ -12,11 +12,11 @@ from typing import Callable
 
 import pytest
 import torch
-
 from conftest import DigitsWorkspace, write_config
-from jpqbench.cli import main
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS, MODELS
+
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS, MODELS
+from jpqbench.pipeline.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_truncated_image_is_refused(tmp_path: Path) -> None:
     """Tiny ImageNet and ImageNet decode images on access: a truncated JPEG names itself."""
     from PIL import Image
 
-    from jpqbench.data import ImageFiles
+    from jpqbench.harness.data import ImageFiles
 
     image = tmp_path / "n01443537_0.JPEG"
     Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(image, quality=95)
@@ -176,7 +176,7 @@ def test_malformed_fp32_checkpoint_is_refused(digits_workspace: DigitsWorkspace,
 def test_unusable_training_checkpoint_is_refused(digits_workspace: DigitsWorkspace, tmp_path: Path,
                                                  damage: str) -> None:
     """A per-epoch checkpoint that cannot be resumed from is refused, naming it and the folder to delete."""
-    from jpqbench.train import TrainSpec, fit
+    from jpqbench.harness.train import TrainSpec, fit
 
     data = DATASETS.get("digits")().load(digits_workspace.data_root / "digits")
     checkpoint = tmp_path / "work" / "phase.pt"
@@ -231,7 +231,7 @@ METRICS_DAMAGE: dict[str, tuple[Callable[[dict], object], str]] = {
 
 @pytest.mark.parametrize("damage", METRICS_DAMAGE)
 def test_malformed_metrics_json_is_refused_by_aggregate(ptq_run: Path, tmp_path: Path, damage: str) -> None:
-    from jpqbench.aggregate import aggregate
+    from jpqbench.pipeline.aggregate import aggregate
 
     edit, expected = METRICS_DAMAGE[damage]
     metrics = json.loads((ptq_run / "metrics.json").read_text())
@@ -248,7 +248,7 @@ def test_malformed_metrics_json_is_refused_by_aggregate(ptq_run: Path, tmp_path:
 @pytest.mark.parametrize("text, expected", [("[1, 2]", "holds a JSON list"), ('{"top1": 0.9', "not valid JSON")],
                          ids=["not-an-object", "truncated"])
 def test_metrics_json_that_is_no_record_is_refused(tmp_path: Path, text: str, expected: str) -> None:
-    from jpqbench.aggregate import aggregate
+    from jpqbench.pipeline.aggregate import aggregate
 
     path = tmp_path / "runs" / "r" / "metrics.json"
     path.parent.mkdir(parents=True)

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import DigitsWorkspace, create_experiment, write_config
-from jpqbench.cli import main
+
+from jpqbench.pipeline.cli import main
 
 
 def _run(config: Path, out: Path, *extra: str, method: str = "ptq", checkpoint: Path | None = None) -> list[str]:
@@ -129,7 +129,7 @@ def test_rejected_run_creates_no_run_folder(digits_workspace: DigitsWorkspace, o
 def test_cost_needs_a_shape_and_rejects_a_foreign_plan(tmp_path: Path, capsys) -> None:
     code = main(["cost", "--model", "resnet8"])
     assert code == 2 and "fix:" in capsys.readouterr().err
-    from jpqbench.plan import CompressionPlan, LayerPlan
+    from jpqbench.accounting.plan import CompressionPlan, LayerPlan
 
     plan = tmp_path / "plan.json"
     CompressionPlan({"not_a_layer": LayerPlan(out_channels=3)}).save(plan)

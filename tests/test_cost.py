@@ -1,4 +1,4 @@
-"""The one cost counter (jpqbench.cost.count): hand-computed layers, pruning propagation,
+"""The one cost counter (jpqbench.accounting.counter.count): hand-computed layers, pruning propagation,
 known totals and a cross-check against torch's own FLOP counter."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from jpqbench.cli import main
-from jpqbench.cost import count
-from jpqbench.plan import CompressionPlan, LayerPlan, with_pruned, with_uniform_bits
-from jpqbench.registry import MODELS
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan, LayerPlan, with_pruned, with_uniform_bits
+from jpqbench.base.registry import MODELS
+from jpqbench.pipeline.cli import main
 
 
 def _plan(model: nn.Module, **layers: LayerPlan) -> CompressionPlan:

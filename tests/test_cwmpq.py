@@ -1,4 +1,4 @@
-"""cwmpq (methods/cwmpq.py): 0-bit channels are pruned for real, coupled channels share one choice,
+"""cwmpq (jpqbench/methods/cwmpq.py): 0-bit channels are pruned for real, coupled channels share one choice,
 the temperature follows its schedule, evaluation quantizes each channel at one precision, the
 regulariser at hard assignments is the harness's count, the budget projection lands within the
 budget, MobileNetV2's signed inner activations are searched down to 2 bits on a signed grid (at
@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DigitsWorkspace
-from jpqbench.cli import main
-from jpqbench.cost import count
-from jpqbench.errors import UserError
-from jpqbench.hw_cost import get_cost_model
-from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan
-from jpqbench.registry import DATASETS, METHODS, MODELS
+
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.hardware import get_cost_model
+from jpqbench.accounting.plan import CompressionPlan, plan_from_model
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS, METHODS, MODELS
+from jpqbench.pipeline.cli import main
 
 CWMPQ = METHODS.get("cwmpq")
 cw = sys.modules[CWMPQ.__module__]

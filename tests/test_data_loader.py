@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jpqbench.data import DataBundle, ImageFiles, TensorSplit
+from jpqbench.harness.data import DataBundle, ImageFiles, TensorSplit
 
 SAMPLES = 103  # not a multiple of the world size or the batch size
 
@@ -92,7 +92,7 @@ def test_batches_are_the_same_for_any_number_of_workers(tmp_path: Path) -> None:
 def test_zero_and_two_workers_train_bit_identical_models(tmp_path: Path) -> None:
     from torch import nn
 
-    from jpqbench.train import TrainSpec, fit
+    from jpqbench.harness.train import TrainSpec, fit
 
     data = _image_files(tmp_path)
     states = []

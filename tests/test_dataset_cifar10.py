@@ -16,8 +16,8 @@ import pytest
 import torch
 import torchvision
 
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
 
 PER_BATCH = 20  # 100 training images (10 of them val), 20 test images
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: class index = position
 TRAIN_PER_CLASS = 12  # 10 per class go to val, 2 stay in train

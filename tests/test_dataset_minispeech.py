@@ -10,8 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
 
 CLIPS_PER_WORD = 8  # 80 keyword clips + 10 x 2 unknown clips: a build of about a second
 KEYWORDS = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes")

@@ -10,8 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
 
 KEYWORDS = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes")
 OTHERS = ("cat", "dog")

@@ -16,10 +16,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from jpqbench.cli import main
-from jpqbench.data import decode_image
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS
+from jpqbench.harness.data import decode_image
+from jpqbench.pipeline.cli import main
 
 WNIDS = ["n09999999", "n01443537", "n05555555"]  # file order, not sorted
 TRAIN_PER_CLASS = 10  # 30 training images, 3 of them val

@@ -1,6 +1,6 @@
-"""Data-parallel training under torchrun (jpqbench.distributed), with gloo and 2 CPU processes.
+"""Data-parallel training under torchrun (jpqbench.harness.distributed), with gloo and 2 CPU processes.
 
-* what rank 0 decides before a run (:func:`jpqbench.distributed.agree`) reaches every rank, and
+* what rank 0 decides before a run (:func:`jpqbench.harness.distributed.agree`) reaches every rank, and
   its failure is raised on every rank (no hang); process groups made one after the other do not
   interfere;
 * fit in 2 ranks: the ranks end bit-identical, batch-norm statistics included; the first step's averaged gradient is the
@@ -27,14 +27,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from paths import REPO_ROOT
 from torch import nn
 
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.distributed import agree, training_group
-from jpqbench.qsparse import ActivationPQ
-from jpqbench.registry import METHODS
-from jpqbench.errors import UserError
-from jpqbench.train import TrainHooks, TrainSpec, fit
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import METHODS
+from jpqbench.blocks.noncomm.qsparse import ActivationPQ
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.distributed import agree, training_group
+from jpqbench.harness.train import TrainHooks, TrainSpec, fit
 
 WORLD = 2
 SPEC = TrainSpec(epochs=2, lr=0.1, batch_size=16, optimizer="sgd", momentum=0.9, weight_decay=0.0)
@@ -184,7 +185,7 @@ def test_nproc_2_runs_a_method_under_torchrun_and_records_it_once(digits_workspa
     out = tmp_path / "qat"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-m", "jpqbench.cli", *_run_args(
+    done = subprocess.run([sys.executable, "-m", "jpqbench.pipeline.cli", *_run_args(
         digits_workspace, "--method", "qat", "--budget", "0.05", "--out", str(out), "--nproc", "2")],
         capture_output=True, text=True, env=env, cwd=digits_workspace.root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -212,7 +213,7 @@ def test_every_builtin_method_runs_distributed_and_its_ranks_agree(digits_worksp
     is refused."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"
-    driver = Path(__file__).with_name("ddp_every_method.py")
+    driver = REPO_ROOT / "tests" / "ddp_every_method.py"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(driver), str(digits_workspace.config), str(digits_workspace.checkpoint), str(tmp_path)],
                           capture_output=True, text=True, env=env, cwd=digits_workspace.root)
@@ -229,14 +230,14 @@ def test_every_builtin_method_runs_distributed_and_its_ranks_agree(digits_worksp
 
 @pytest.fixture
 def single_process_ptq(monkeypatch: pytest.MonkeyPatch):
-    from jpqbench.methods_api import get_method
+    from jpqbench.base.method_spec import get_method
 
     monkeypatch.setattr(get_method("ptq"), "distributed", False)
 
 
 def test_a_single_process_method_is_refused_before_launch(digits_workspace, single_process_ptq, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     out = tmp_path / "ptq"
     assert main(_run_args(digits_workspace, "--method", "ptq", "--budget", "0.05", "--out", str(out),
@@ -249,7 +250,7 @@ def test_a_single_process_method_is_refused_before_launch(digits_workspace, sing
 def test_a_single_process_method_is_refused_under_torchrun(digits_workspace, single_process_ptq, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in every process it starts
     monkeypatch.setenv("RANK", "1")
@@ -260,7 +261,7 @@ def test_a_single_process_method_is_refused_under_torchrun(digits_workspace, sin
 
 def test_a_global_batch_that_does_not_split_is_refused(digits_workspace, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     assert main(_run_args(digits_workspace, "--method", "ptq", "--budget", "0.05", "--out", str(tmp_path / "p"),
                           "--nproc", "3")) == 2

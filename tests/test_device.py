@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitsWorkspace, create_experiment, write_config
-from jpqbench.cli import main
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.distributed import describe_device, resolve_device
-from jpqbench.errors import UserError
-from jpqbench.layers import make_compressible, mask_batchnorm, module_device
+
+from jpqbench.base.errors import UserError
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.distributed import describe_device, resolve_device
+from jpqbench.nn.layers import make_compressible, mask_batchnorm, module_device
+from jpqbench.pipeline.cli import main
 
 NO_CUDA = "torch sees no CUDA GPU on this machine"
 BUDGET = 0.05
@@ -98,7 +98,7 @@ def test_more_processes_than_gpus_are_refused_before_torchrun_starts(digits_work
                                                                      capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr("jpqbench.distributed.launch", lambda *a: pytest.fail("torchrun was launched"))
+    monkeypatch.setattr("jpqbench.harness.distributed.launch", lambda *a: pytest.fail("torchrun was launched"))
     config = _config(digits_workspace, tmp_path, "auto")
     assert main(_argv(config, digits_workspace, "qat", tmp_path / "q", "--nproc", "2")) == 2
     error = capsys.readouterr().err
@@ -162,9 +162,9 @@ def test_device_cpu_is_bit_identical_to_the_default_and_recorded(digits_workspac
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_every_builtin_method_runs_on_cuda(digits_workspace: DigitsWorkspace, tmp_path: Path) -> None:
-    from jpqbench.cost import count
-    from jpqbench.plan import CompressionPlan
-    from jpqbench.registry import DATASETS, METHODS
+    from jpqbench.accounting.counter import count
+    from jpqbench.accounting.plan import CompressionPlan
+    from jpqbench.base.registry import DATASETS, METHODS
 
     shape = tuple(DATASETS.get("digits").input_shape)
     config = _config(digits_workspace, tmp_path, "cuda")
@@ -200,7 +200,7 @@ def test_ddp_over_nccl_on_two_gpus(digits_workspace: DigitsWorkspace, tmp_path: 
     create_experiment(digits_workspace.root, "nccl")
     out = tmp_path / "qat"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run([sys.executable, "-m", "jpqbench.cli",
+    done = subprocess.run([sys.executable, "-m", "jpqbench.pipeline.cli",
                            *_argv(config, digits_workspace, "qat", out, "--nproc", "2")],
                           capture_output=True, text=True, env=env, cwd=digits_workspace.root)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""DJPQ (methods/djpq.py, jpqbench/vib.py): VIB gates prune what they close, the differentiable cost is
+"""DJPQ (jpqbench/methods/djpq.py, jpqbench/blocks/djpq/vib.py): VIB gates prune what they close, the differentiable cost is
 the harness counter at hard gates and falls when gates close or bits drop, the power-of-two variant
 keeps to {2, 4, 8, 16}, and `jpqbench run --method djpq` meets its budget with an honest plan.
 
@@ -17,20 +17,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import DigitsWorkspace
+from paths import PAPER_CONFIG
 from torch import nn
 
-from conftest import DigitsWorkspace
-from jpqbench.cli import main
-from jpqbench.config import load_config
-from jpqbench.cost import count
-from jpqbench.layers import make_compressible
-from jpqbench.learned_quant import LearnedQuantizer
-from jpqbench.methods_api import Budget, make_method
-from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned
-from jpqbench.registry import DATASETS, METHODS, MODELS, PROJECT_ROOT
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan, plan_from_model, with_pruned
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import load_config
+from jpqbench.base.method_spec import make_method
+from jpqbench.base.registry import DATASETS, METHODS, MODELS
+from jpqbench.nn.layers import make_compressible
+from jpqbench.nn.learned_quant import LearnedQuantizer
+from jpqbench.pipeline.cli import main
 
 SHAPES = {"digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet8": (3, 16, 16), "resnet20": (3, 32, 32)}
-PAPER = PROJECT_ROOT / "config" / "paper.yaml"
+PAPER = PAPER_CONFIG
 # the models of the papers' grid at their real input sizes, with their dataset's class count
 REAL_SCALE = {"resnet8": ((3, 32, 32), 10), "resnet20": ((3, 32, 32), 10), "vgg7": ((3, 32, 32), 10),
               "ds_cnn": ((1, 49, 10), 12), "resnet18_64": ((3, 64, 64), 200),
@@ -286,7 +289,7 @@ def test_pow2_quantizer_uses_the_nearest_power_of_two_grid() -> None:
 
 
 def test_hyperparameters_are_validated() -> None:
-    from jpqbench.errors import UserError
+    from jpqbench.base.errors import UserError
 
     with pytest.raises(UserError, match="restrict_pow2"):
         METHODS.get("djpq")(restrict_pow2=True, min_bits=3)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from paths import REPO_ROOT
 
-PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["Snakefile", "dvc.yaml", ".dvcignore", "jpqbench", "methods", "datasets", "analysis", "config",
-          "results/reference"]
+PROJECT = REPO_ROOT
+COPIED = ["Snakefile", "dvc.yaml", ".dvcignore", "jpqbench", "config"]
 
 TINY_CONFIG = """\
 experiment: e2e
@@ -100,7 +100,7 @@ def test_dvc_repro_runs_the_grid_through_snakemake_and_mlflow(tmp_path: Path, mo
     # a code change re-runs the grid stage, not the grid: Snakemake finds every job up to date
     results = [*(work / "results" / "runs").rglob("metrics.json"), *(work / "results" / "checkpoints").rglob("*.pt")]
     made = {path: path.stat().st_mtime_ns for path in results}
-    with open(work / "methods" / "uniform.py", "a") as code:
+    with open(work / "jpqbench" / "methods" / "uniform.py", "a") as code:
         code.write("# a change to a method's code\n")
     rerun = _run(["dvc", "repro"], work, env)
     assert "Running stage 'grid'" in rerun and "Nothing to be done" in rerun, rerun

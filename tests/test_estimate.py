@@ -7,15 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
-from jpqbench.cli import main
-from jpqbench.config import load_config
-from jpqbench.errors import UserError
-from jpqbench.estimate import Work, estimate, parse_img_per_s, read_throughput, slurm_runtimes, totals
-from jpqbench.grid import grid
-from jpqbench.methods_api import get_method
-from jpqbench.registry import DATASETS
+from paths import REPO_ROOT
+
+from jpqbench.base.config import load_config
+from jpqbench.base.errors import UserError
+from jpqbench.base.method_spec import get_method
+from jpqbench.base.registry import DATASETS
+from jpqbench.pipeline.cli import main
+from jpqbench.pipeline.estimate import Work, estimate, parse_img_per_s, read_throughput, slurm_runtimes, totals
+from jpqbench.pipeline.grid import grid
 
 # write_config's digits: 1,221 / 216 / 360 samples; batch 64, at most 3 steps = 192 samples an
 # epoch; 1 pretraining and 1 compression epoch; a val pass every 5 epochs and at the end
@@ -203,7 +204,7 @@ def test_a_dataset_without_split_sizes_is_named(tmp_path: Path, monkeypatch: pyt
 def test_shipped_configs_count_the_grid(config: str, jobs: int) -> None:
     """Every run of the grid once, plus one pretraining per (dataset, model, seed); config.yaml's
     27 jobs are the README's."""
-    cfg = load_config(Path(__file__).resolve().parent.parent / config)
+    cfg = load_config(REPO_ROOT / config)
     rows = estimate(cfg)
     assert sum(row.runs for row in rows if row.rule != "pretrain") == len(grid(cfg))
     seeds = sum(len(cfg.seeds_of(dataset)) for dataset, _ in cfg.benchmarks())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jpqbench.evaluate import recalibrate_batchnorm
+from jpqbench.harness.evaluate import recalibrate_batchnorm
 
 
 class _ModeSpy(nn.Module):

@@ -9,16 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from jpqbench.cost import count
-from jpqbench.errors import UserError
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import plan_from_model
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.errors import UserError
 from jpqbench.export.artifact import _PREFIX, from_bytes, to_bytes, to_model
 from jpqbench.export.build import build_artifact
-from jpqbench.layers import compressible_layers, make_compressible, mask_batchnorm
 from jpqbench.models.zoo import digits_cnn, ds_cnn
-from jpqbench.plan import plan_from_model, verify_plan
-from jpqbench.prune import ChannelGroups, apply_masks
-from jpqbench.quant import UniformQuantizer
-from jpqbench.uniform import calibrate, quantize_uniform
+from jpqbench.nn.channel_pruning import ChannelGroups, apply_masks
+from jpqbench.nn.layers import compressible_layers, make_compressible, mask_batchnorm
+from jpqbench.nn.quant import UniformQuantizer
+from jpqbench.nn.uniform_quantization import calibrate, quantize_uniform
 
 SHAPE = (1, 8, 8)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitsWorkspace
-from jpqbench.cli import main
+
 from jpqbench.export.artifact import load, read
+from jpqbench.pipeline.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def runs(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathFac
 
 
 def _batch(digits_workspace: DigitsWorkspace) -> torch.Tensor:
-    from jpqbench.registry import DATASETS
+    from jpqbench.base.registry import DATASETS
 
     data = DATASETS.get("digits")().load(digits_workspace.data_root / "digits")
     return next(iter(data.loader("train", 128)))[0]
@@ -93,10 +93,10 @@ def test_inputs_dead_under_an_activation_mask_are_overhead_not_counted(runs: dic
     """A channel that noncomm's mask zeroes for every input is dead for the counter; the artifact
     still stores its weights (the channel is not structurally pruned), as overhead, so the file
     stays counted + overhead to the bit (a minispeech run of the default grid found the gap)."""
-    from jpqbench.cost import count
+    from jpqbench.accounting.counter import count
+    from jpqbench.accounting.plan import CompressionPlan
+    from jpqbench.blocks.noncomm.qsparse import PreActivationReLU
     from jpqbench.export.build import build_artifact
-    from jpqbench.plan import CompressionPlan
-    from jpqbench.qsparse import PreActivationReLU
 
     state = torch.load(runs["noncomm"] / "model.pt", weights_only=False)
     model, plan = state["model"].eval(), CompressionPlan.from_dict(state["plan"])

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from jpqbench.errors import UserError
+from jpqbench.base.errors import UserError
+from jpqbench.blocks.noncomm.qsparse import quantize_pow2
 from jpqbench.export.codes import channel_grid, dequantize, layer_grids
 from jpqbench.export.packing import pack, packed_size, unpack
-from jpqbench.learned_quant import LearnedQuantizer
-from jpqbench.qsparse import quantize_pow2
-from jpqbench.quant import UniformQuantizer
+from jpqbench.nn.learned_quant import LearnedQuantizer
+from jpqbench.nn.quant import UniformQuantizer
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 32])

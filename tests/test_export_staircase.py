@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jpqbench.errors import UserError
+from jpqbench.base.errors import UserError
+from jpqbench.blocks.noncomm.qsparse import ActivationPQ
 from jpqbench.export.staircase import Staircase, find_staircase, staircase_of
-from jpqbench.learned_quant import LearnedQuantizer
-from jpqbench.qsparse import ActivationPQ
-from jpqbench.quant import UniformQuantizer
+from jpqbench.nn.learned_quant import LearnedQuantizer
+from jpqbench.nn.quant import UniformQuantizer
 
 
 def _probe() -> torch.Tensor:

@@ -13,33 +13,51 @@ from pathlib import Path
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import DigitsWorkspace
+from paths import REPO_ROOT
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import DigitsWorkspace
-from jpqbench.cli import main
-from jpqbench.config import TrainRecipe, load_config
-from jpqbench.cost import count
-from jpqbench.data import DataBundle
-from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers
-from jpqbench.learned_quant import (LearnedQuantizer, calibrate_inputs, freeze_all, install_learned_quantizers,
-                                    learned_quantizers)
-from jpqbench.methods_api import Budget, RunContext, get_method, make_method
-from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned, with_uniform_bits
-from jpqbench.prune import classifier_name
-from jpqbench.qadg import PruningGroup, build_groups
-from jpqbench.qasso import (BitSchedule, Qasso, QassoConfig, QassoHooks, Schedule, apply_pruning, prunable_channels,
-                            pruned_rows, select_lowest)
-from jpqbench.train import TrainHooks, TrainSpec
-from jpqbench.registry import DATASETS, MODELS
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan, plan_from_model, with_pruned, with_uniform_bits
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import TrainRecipe, load_config
+from jpqbench.base.errors import UserError
+from jpqbench.base.method_spec import get_method, make_method
+from jpqbench.base.registry import DATASETS, MODELS
+from jpqbench.blocks.geta.qadg import PruningGroup, build_groups
+from jpqbench.blocks.geta.qasso import (
+    BitSchedule,
+    Qasso,
+    QassoConfig,
+    QassoHooks,
+    Schedule,
+    apply_pruning,
+    prunable_channels,
+    pruned_rows,
+    select_lowest,
+)
+from jpqbench.harness.data import DataBundle
+from jpqbench.harness.method import RunContext
+from jpqbench.harness.train import TrainHooks, TrainSpec
+from jpqbench.nn.channel_pruning import classifier_name
+from jpqbench.nn.layers import compressible_layers
+from jpqbench.nn.learned_quant import (
+    LearnedQuantizer,
+    calibrate_inputs,
+    freeze_all,
+    install_learned_quantizers,
+    learned_quantizers,
+)
+from jpqbench.pipeline.cli import main
 
 # every zoo model at its real input size (CIFAR 32x32, MFCC 49x10, Tiny ImageNet 64x64, ImageNet 224x224)
 SHAPES = {"resnet8": (3, 32, 32), "resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "vgg7": (3, 32, 32),
           "digits_cnn": (1, 8, 8), "ds_cnn": (1, 49, 10), "resnet18_64": (3, 64, 64), "resnet18": (3, 224, 224),
           "mobilenet_v2": (3, 224, 224), "resnet50": (3, 224, 224)}
 TORCHVISION = {"resnet18", "resnet18_64", "mobilenet_v2", "resnet50"}  # a few seconds each
-PAPER_GRID = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
+PAPER_GRID = load_config(REPO_ROOT / "config" / "paper.yaml")
 
 
 def _zoo_params() -> list:

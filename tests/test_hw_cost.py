@@ -1,4 +1,4 @@
-"""Hardware cost models (jpqbench/hw_cost.py, cost_models/): at hard assignments the built-in size
+"""Hardware cost models (jpqbench/accounting/hardware.py, jpqbench/cost_models/): at hard assignments the built-in size
 and bops models equal the harness counter, soft assignments give expectations, mpic follows its
 table, and a user's cost model is one decorated class in one file."""
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import jpqbench.hw_cost as hw_cost
-import jpqbench.registry as registry
-from jpqbench.cost import LayerShape, count, input_liveness
-from jpqbench.errors import UserError
-from jpqbench.hw_cost import LayerCostInput, get_cost_model, layer_shapes
-from jpqbench.plan import CompressionPlan, LayerPlan
-from jpqbench.registry import COST_MODELS, MODELS
+import jpqbench.accounting.hardware as hw_cost
+import jpqbench.base.registry as registry
+from jpqbench.accounting.counter import LayerShape, count, input_liveness
+from jpqbench.accounting.hardware import LayerCostInput, get_cost_model, layer_shapes
+from jpqbench.accounting.plan import CompressionPlan, LayerPlan
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import COST_MODELS, MODELS
 
 W_BITS = (0, 2, 4, 8)
 A_BITS = (2, 4, 8)
@@ -102,7 +102,7 @@ def test_mpic_refuses_precisions_outside_its_table() -> None:
 def test_unknown_cost_model_names_the_known_ones() -> None:
     with pytest.raises(UserError) as info:
         get_cost_model("no_such_model")
-    assert {"size", "bops", "mpic"} <= set(hw_cost.cost_model_names())
+    assert {"size", "bops", "mpic"} <= set(COST_MODELS.names())
     assert all(name in info.value.fix for name in ("size", "bops", "mpic"))
 
 
@@ -110,8 +110,8 @@ def test_a_user_cost_model_is_one_decorated_class_in_a_plugin_folder(tmp_path, m
     folder = tmp_path / "my_plugins"
     folder.mkdir()
     (folder / "my_npu.py").write_text(textwrap.dedent("""
-        from jpqbench.hw_cost import CostModel
-        from jpqbench.registry import register_cost_model
+        from jpqbench.accounting.hardware import CostModel
+        from jpqbench.base.registry import register_cost_model
 
         @register_cost_model("my_npu")
         class MyNPU(CostModel):

@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from jpqbench.learned_quant import (LearnedQuantizer, calibrate_inputs, freeze_all, install_learned_quantizers,
-                                    layer_bits, learned_quantizers)
-from jpqbench.plan import plan_from_model, verify_plan
+from jpqbench.accounting.plan import plan_from_model
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.nn.learned_quant import (
+    LearnedQuantizer,
+    calibrate_inputs,
+    freeze_all,
+    install_learned_quantizers,
+    layer_bits,
+    learned_quantizers,
+)
 
 
 def _quantizer(signed: bool, d: float, q_m: float, t: float, frozen_bits: int = 0) -> LearnedQuantizer:

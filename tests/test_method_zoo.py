@@ -18,13 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from jpqbench.config import TrainRecipe, load_config
-from jpqbench.cost import count
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.evaluate import recalibrate_batchnorm
-from jpqbench.methods_api import Budget, RunContext, get_method
-from jpqbench.plan import verify_plan
-from jpqbench.registry import DATASETS, METHODS, MODELS, PROJECT_ROOT
+from paths import PAPER_CONFIG
+
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import TrainRecipe, load_config
+from jpqbench.base.method_spec import get_method
+from jpqbench.base.registry import DATASETS, METHODS, MODELS
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.evaluate import recalibrate_batchnorm
+from jpqbench.harness.method import RunContext
 
 BUDGET = Budget("bops", 0.05)
 BATCH, STEPS = 4, 2
@@ -36,7 +40,7 @@ SLOW_DATASETS = {"imagenet"}
 
 
 def _grid() -> list[tuple[str, str]]:
-    return load_config(PROJECT_ROOT / "config" / "paper.yaml").benchmarks()
+    return load_config(PAPER_CONFIG).benchmarks()
 
 
 def _slow(dataset: str, model: str) -> bool:

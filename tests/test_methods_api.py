@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jpqbench.config import TrainRecipe
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.errors import UserError
-from jpqbench.methods_api import Budget, RunContext
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import TrainRecipe
+from jpqbench.base.errors import UserError
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.method import RunContext
 from jpqbench.models.zoo import digits_cnn
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import DigitsWorkspace, create_experiment, write_config
-from jpqbench.config import load_config
-from jpqbench.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, init_tracking, tracked_run
 from test_tracking_server import mlflow_server
+
+from jpqbench.base.config import load_config
+from jpqbench.pipeline.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, init_tracking, tracked_run
 
 
 def _client(root: Path) -> Any:
@@ -71,7 +71,7 @@ class _AnotherJobTagsFirst:
 def test_parallel_jobs_tagging_an_older_experiment_at_once_all_go_on(tmp_path: Path) -> None:
     from mlflow.exceptions import MlflowException
 
-    from jpqbench.tracking import _experiment_id
+    from jpqbench.pipeline.tracking import _experiment_id
 
     create_experiment(tmp_path, "older")
     client = _client(tmp_path)
@@ -123,7 +123,7 @@ def _post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 def test_mlflow_ui_lists_the_runs_with_their_dataset_and_source(
         digits_workspace: DigitsWorkspace, tmp_path: Path, no_env_tracking_uri) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     create_experiment(tmp_path, "ui")  # made by an older jpqbench: no kind yet
     config = write_config(tmp_path / "config.yaml", tmp_path, experiment="ui", data_root=digits_workspace.data_root)

@@ -11,28 +11,40 @@ import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import yaml
+from conftest import DigitsWorkspace, write_config
 from torch import nn
 
-from conftest import DigitsWorkspace, write_config
-from jpqbench.cli import main
-from jpqbench.config import TrainRecipe
-from jpqbench.cost import count, input_liveness, measure_activation_sparsity
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers, make_compressible, observe_inputs
-from jpqbench.methods_api import Budget, RunContext, get_method
-from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, verify_plan, with_uniform_bits
-from jpqbench.qsparse import (ActivationPQ, Pow2Quantizer, PreActivationReLU, PreActivationReLU6, WeightPQ,
-                              place_activation_operators, quantize_pow2, relu6_keeps_grid, split_shared_relus)
-from jpqbench.registry import MODELS
+from jpqbench.accounting.counter import count, input_liveness, measure_activation_sparsity
+from jpqbench.accounting.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, with_uniform_bits
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.budget import Budget
+from jpqbench.base.config import TrainRecipe
+from jpqbench.base.errors import UserError
+from jpqbench.base.method_spec import get_method
+from jpqbench.base.registry import MODELS
+from jpqbench.blocks.noncomm.qsparse import (
+    ActivationPQ,
+    Pow2Quantizer,
+    PreActivationReLU,
+    PreActivationReLU6,
+    WeightPQ,
+    place_activation_operators,
+    quantize_pow2,
+    relu6_keeps_grid,
+    split_shared_relus,
+)
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.method import RunContext
+from jpqbench.nn.layers import compressible_layers, make_compressible, observe_inputs
+from jpqbench.pipeline.cli import main
 
 SHAPE = (1, 8, 8)
 STEPS_PER_EPOCH = 10  # 160 training samples, batch 16

@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 import yaml
+from paths import REPO_ROOT
 
-from jpqbench.config import BenchConfig, TrainRecipe, load_config
-from jpqbench.methods_api import make_method, parse_method_spec
+from jpqbench.base.config import BenchConfig, TrainRecipe, load_config
+from jpqbench.base.method_spec import make_method, parse_method_spec
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = REPO_ROOT
 LEDGER = PROJECT / "docs" / "paper-settings.md"
 PAPER = PROJECT / "config" / "paper.yaml"
 COLUMNS = ["setting", "scope", "value in paper.yaml", "paper / upstream value", "source", "why it differs"]

@@ -5,13 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from jpqbench.errors import UserError
-from jpqbench.layers import make_compressible, mask_batchnorm
-from jpqbench.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model, verify_plan
-from jpqbench.prune import ChannelGroups, apply_masks
-from jpqbench.quant import UniformQuantizer
-from jpqbench.registry import MODELS
-from jpqbench.uniform import calibrate, quantize_uniform
+from jpqbench.accounting.plan import CompressionPlan, LayerPlan, PlanMismatch, plan_from_model
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import MODELS
+from jpqbench.nn.channel_pruning import ChannelGroups, apply_masks
+from jpqbench.nn.layers import make_compressible, mask_batchnorm
+from jpqbench.nn.quant import UniformQuantizer
+from jpqbench.nn.uniform_quantization import calibrate, quantize_uniform
 
 SHAPE = (1, 8, 8)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DigitsWorkspace, write_config
 from torch import nn
 
-from conftest import DigitsWorkspace, write_config
-from jpqbench.cli import main
-from jpqbench.config import TrainRecipe, load_config
-from jpqbench.errors import UserError
-from jpqbench.methods_api import RunContext
-from jpqbench.registry import DATASETS, MODELS
-from jpqbench.train import TrainSpec, fit
+from jpqbench.base.config import TrainRecipe, load_config
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import DATASETS, MODELS
+from jpqbench.harness.method import RunContext
+from jpqbench.harness.train import TrainSpec, fit
+from jpqbench.pipeline.cli import main
 
 SPEC = dict(epochs=1, lr=0.05, batch_size=32, max_steps_per_epoch=3, eval_every=1)
 

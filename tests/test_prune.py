@@ -1,4 +1,4 @@
-"""Structured pruning by masks (jpqbench.prune) on resnet20: groups, masks, and equivalence with
+"""Structured pruning by masks (jpqbench.nn.channel_pruning) on resnet20: groups, masks, and equivalence with
 torch-pruning's physical channel removal."""
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from jpqbench.cost import count
-from jpqbench.errors import UserError
-from jpqbench.layers import compressible_layers
-from jpqbench.plan import CompressionPlan, plan_from_model, verify_plan, with_pruned
-from jpqbench.prune import ChannelGroups, apply_masks, classifier_name, prune_to_budget
-from jpqbench.registry import MODELS
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan, plan_from_model, with_pruned
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import MODELS
+from jpqbench.nn.channel_pruning import ChannelGroups, apply_masks, classifier_name, prune_to_budget
+from jpqbench.nn.layers import compressible_layers
 
 SHAPE = (3, 32, 32)
 

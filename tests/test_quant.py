@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jpqbench.quant import MinMaxObserver, UniformQuantizer, round_ste, scale_grad
+from jpqbench.nn.quant import MinMaxObserver, UniformQuantizer, round_ste, scale_grad
 
 
 def _gen(seed: int = 0) -> torch.Generator:

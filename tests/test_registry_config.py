@@ -7,11 +7,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
-import jpqbench.registry as registry
-from jpqbench.config import validate_config
-from jpqbench.errors import UserError
-from jpqbench.registry import DATASETS, METHODS, MODELS, discover_plugins
+import jpqbench.base.registry as registry
+from jpqbench.base.config import validate_config
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import COST_MODELS, DATASETS, METHODS, MODELS, discover_plugins
 
 BUILTIN_METHODS = {"fp32", "ptq", "qat", "prune", "prune_then_quantize", "quantize_then_prune"}
 
@@ -35,27 +36,26 @@ def test_builtin_plugins_are_registered() -> None:
 def test_a_class_carries_its_registered_name_and_file_however_it_is_looked_up() -> None:
     """The name is set at registration: a class taken straight from the registry (not through
     get_method) is complete, and the file it came from is recorded (several methods share one)."""
-    from jpqbench.hw_cost import cost_model_names
-    from jpqbench.registry import COST_MODELS
+    from jpqbench.base.registry import COST_MODELS
 
     assert all(METHODS.get(name).name == name for name in METHODS.names())
-    assert all(COST_MODELS.get(name).name == name for name in cost_model_names())
-    assert (METHODS.file_of("ptq"), METHODS.file_of("prune_then_quantize")) == ("methods/uniform.py",
-                                                                                 "methods/sequential.py")
-    assert DATASETS.file_of("cifar10") == "datasets/cifar10.py"
+    assert all(COST_MODELS.get(name).name == name for name in COST_MODELS.names())
+    assert (METHODS.file_of("ptq"), METHODS.file_of("prune_then_quantize")) == ("jpqbench/methods/uniform.py",
+                                                                                 "jpqbench/methods/sequential.py")
+    assert DATASETS.file_of("cifar10") == "jpqbench/datasets/cifar10.py"
 
 
 def test_invalid_hyperparameters_point_to_the_file_that_defines_them() -> None:
-    from jpqbench.methods_api import make_method
+    from jpqbench.base.method_spec import make_method
 
     with pytest.raises(UserError) as info:
         make_method("ptq[no_such_knob=1]")
     assert "invalid hyperparameters for method 'ptq'" in info.value.problem
-    assert info.value.fix == "see the Hparams of methods/uniform.py"
+    assert info.value.fix == "see the Hparams of jpqbench/methods/uniform.py"
 
 
 def test_every_hyperparameter_is_described_and_listed(capsys: pytest.CaptureFixture[str]) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     fields = {(name, field): info for name in METHODS.names()
               for field, info in METHODS.get(name).Hparams.model_fields.items()}
@@ -63,13 +63,13 @@ def test_every_hyperparameter_is_described_and_listed(capsys: pytest.CaptureFixt
                                                                  if not info.description]
     assert main(["list", "methods", "-v"]) == 0
     out = capsys.readouterr().out
-    assert "defined in methods/uniform.py" in out
+    assert "defined in jpqbench/methods/uniform.py" in out
     for (name, field), info in fields.items():
         assert f"   {field} = {info.default!r}: {info.description}" in out, (name, field)
 
 
 def test_list_shows_cost_models(capsys: pytest.CaptureFixture[str]) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     assert main(["list", "cost-models"]) == 0
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} >= {"bops", "size", "mpic"}
@@ -102,8 +102,8 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch):
 
 
 PLUGIN = '''
-from jpqbench.methods_api import Method
-from jpqbench.registry import register_method
+from jpqbench.harness.method import Method
+from jpqbench.base.registry import register_method
 
 
 @register_method("tmp_plugin_method")
@@ -122,7 +122,7 @@ def test_plugin_discovered_from_env_path(tmp_path: Path, isolated_registry: pyte
     assert "tmp_plugin_method" in METHODS.names()
     assert METHODS.get("tmp_plugin_method").__doc__.startswith("A method kept outside")
     assert BUILTIN_METHODS <= set(METHODS.names())  # built-ins still there
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     assert main(["list", "methods"]) == 0
     assert "tmp_plugin_method" in capsys.readouterr().out
@@ -156,10 +156,10 @@ def test_a_model_holding_a_plugin_class_saves_and_loads_in_a_fresh_process(tmp_p
     import torch
 
     discover_plugins()
-    module = sys.modules["jpqbench_plugins.methods.cwmpq"]
+    module = sys.modules["jpqbench.methods.cwmpq"]
     saved = tmp_path / "model.pt"
     torch.save(torch.nn.Sequential(module.PrecisionChoice([0, 2, 4, 8], slots=3)), saved)
-    load = ("import torch; from jpqbench.registry import discover_plugins; discover_plugins(); "
+    load = ("import torch; from jpqbench.base.registry import discover_plugins; discover_plugins(); "
             f"print(type(torch.load({str(saved)!r}, weights_only=False)[0]).__qualname__)")
     result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -173,9 +173,9 @@ def test_valid_config_passes() -> None:
 
 
 def test_repository_configs_are_valid() -> None:
-    from jpqbench.config import load_config
+    from jpqbench.base.config import load_config
 
-    root = Path(registry.PROJECT_ROOT)
+    root = REPO_ROOT
     paths = sorted([*root.glob("config/*.yaml"), *root.glob("benchmarks/*.yaml")])
     assert len(paths) >= 3
     for path in paths:
@@ -309,7 +309,7 @@ def test_a_dataset_with_several_models_needs_the_model_named() -> None:
 
 
 def test_method_variants_override_hyperparameters() -> None:
-    from jpqbench.methods_api import make_method, parse_method_spec
+    from jpqbench.base.method_spec import make_method, parse_method_spec
 
     assert parse_method_spec("qat") == ("qat", {})
     assert parse_method_spec("prune_then_quantize[bits=4, prune_fraction=0.25]") == (
@@ -332,7 +332,7 @@ def test_bad_method_variants_are_named(spec: str, message: str) -> None:
 
 
 def test_a_dataset_may_run_its_own_seeds() -> None:
-    from jpqbench.grid import grid
+    from jpqbench.pipeline.grid import grid
 
     raw = _raw(seeds=[0, 1, 2], methods=["fp32"])
     raw["datasets"]["minispeech"] = {**raw["datasets"]["digits"], "models": {"ds_cnn": {}}, "seeds": [5]}
@@ -343,7 +343,7 @@ def test_a_dataset_may_run_its_own_seeds() -> None:
 
 
 def test_a_dataset_may_run_its_own_budgets() -> None:
-    from jpqbench.grid import grid
+    from jpqbench.pipeline.grid import grid
 
     raw = _raw(budgets=[0.02, 0.05, 0.1], methods=["fp32", "qat"])
     raw["datasets"]["minispeech"] = {**raw["datasets"]["digits"], "models": {"ds_cnn": {}}, "budgets": [0.05]}
@@ -362,9 +362,9 @@ def test_a_dataset_budget_out_of_range_is_refused() -> None:
 
 
 def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
-    from jpqbench.config import load_config
+    from jpqbench.base.config import load_config
 
-    project_config = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+    project_config = REPO_ROOT / "config" / "config.yaml"
     path = tmp_path / "twice.yaml"
     path.write_text(project_config.read_text().replace("budget_metric: bops", "budget_metric: bops\nbudget_metric: size"))
     with pytest.raises(UserError, match="key 'budget_metric' appears twice"):

@@ -18,11 +18,12 @@ from typing import Iterator
 
 import pandas as pd
 import pytest
-
 from conftest import DigitsWorkspace, create_experiment, write_config
-from jpqbench.cli import main
+from paths import REPO_ROOT
 
-PROJECT = Path(__file__).resolve().parent.parent
+from jpqbench.pipeline.cli import main
+
+PROJECT = REPO_ROOT
 COPIED = ["Snakefile", "workflow", "config", "analysis", "profiles", "results/reference"]
 # the grid of the kill test: the fp32 reference and two trained methods, 4 epochs of 20 steps,
 # long enough to be killed while training
@@ -57,7 +58,7 @@ def _run_files(project: Path) -> list[str]:
 
 
 def _summary(project: Path) -> pd.DataFrame:
-    from jpqbench.aggregate import read_summary
+    from jpqbench.pipeline.aggregate import read_summary
 
     return read_summary(project / "results" / "summary.csv")
 
@@ -119,8 +120,8 @@ def test_killed_grid_reruns_to_the_uninterrupted_result(grid_project, sig: signa
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from jpqbench.config import load_config
-    from jpqbench.grid import grid
+    from jpqbench.base.config import load_config
+    from jpqbench.pipeline.grid import grid
 
     project, uninterrupted, files = grid_project
     experiment = f"killed-{sig.name}"
@@ -177,8 +178,8 @@ JOBS, STEPS, KEYS, PARAMS = 4, 25, 5, 20
 
 def _log_one_job(config_path: str, work: str, job: int, start: multiprocessing.synchronize.Barrier) -> None:
     """One job's logging, as a run does it: params, a metric batch per step, an artifact, tags."""
-    from jpqbench.config import load_config
-    from jpqbench.tracking import tracked_run
+    from jpqbench.base.config import load_config
+    from jpqbench.pipeline.tracking import tracked_run
 
     config, work_dir = load_config(config_path), Path(work)
     work_dir.mkdir(parents=True)
@@ -234,9 +235,9 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(digits_workspace: Digit
     left out of the means and the figures."""
     from mlflow.tracking import MlflowClient
 
-    from jpqbench.config import load_config
-    from jpqbench.grid import grid
-    from jpqbench.report import comparison_table, pareto_figure
+    from jpqbench.base.config import load_config
+    from jpqbench.pipeline.grid import grid
+    from jpqbench.pipeline.report import comparison_table, pareto_figure
 
     results = tmp_path / "results"
     config = write_config(tmp_path / "c.yaml", digits_workspace.root, data_root=digits_workspace.data_root,
@@ -262,7 +263,7 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(digits_workspace: Digit
     assert run.info.status == "FAILED" and run.data.tags["status"] == "diverged"
     assert "FloatingPointError: loss became nan" in run.data.tags["error"]
 
-    from jpqbench.aggregate import read_summary
+    from jpqbench.pipeline.aggregate import read_summary
 
     summary = read_summary(summary_csv).set_index("method")
     assert summary["status"].to_dict() == {"fp32": "ok", "ptq": "ok", "qat": "diverged"}
@@ -283,7 +284,7 @@ NPROC_EPOCHS = 40  # 3 steps each: the run is still training when its first epoc
 
 
 def _nproc_argv(config: Path, ws: DigitsWorkspace, out: Path) -> list[str]:
-    return ["-m", "jpqbench.cli", "--config", str(config), "run", "--method", "qat", "--dataset", "digits",
+    return ["-m", "jpqbench.pipeline.cli", "--config", str(config), "run", "--method", "qat", "--dataset", "digits",
             "--seed", "0", "--checkpoint", str(ws.checkpoint), "--budget", "0.05", "--epochs", str(NPROC_EPOCHS),
             "--out", str(out), "--nproc", "2"]
 

@@ -11,11 +11,24 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-
-from jpqbench.report import (MARKERS, comparison_table, differences_to, latex_escape, mean_std, method_styles,
-                             pairwise_differences, pareto_figure, published_cells, significant, signed, styled,
-                             who_beats_whom_figure, write_latex)
 from test_report_stats import REFERENCE, RUNS, summary_of
+
+from jpqbench.pipeline.report import (
+    MARKERS,
+    comparison_table,
+    differences_to,
+    latex_escape,
+    mean_std,
+    method_styles,
+    pairwise_differences,
+    pareto_figure,
+    published_cells,
+    signed,
+    significant,
+    styled,
+    who_beats_whom_figure,
+    write_latex,
+)
 
 EMBEDDED_METHODS = ["fp32", "ptq", "qat", "prune", "prune_then_quantize", "quantize_then_prune", "geta", "djpq",
                     "cwmpq", "ajpq", "noncomm[order=pq,acts=true]", "noncomm[order=qp,acts=true]"]

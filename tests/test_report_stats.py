@@ -12,9 +12,15 @@ import statistics
 import pandas as pd
 import pytest
 
-from jpqbench.aggregate import COLUMNS, OPTIONAL_COLUMNS
-from jpqbench.report import (comparison_table, differences_to, overview, pairwise_differences, seed_statement,
-                             styled_comparison)
+from jpqbench.pipeline.aggregate import COLUMNS, OPTIONAL_COLUMNS
+from jpqbench.pipeline.report import (
+    comparison_table,
+    differences_to,
+    overview,
+    pairwise_differences,
+    seed_statement,
+    styled_comparison,
+)
 
 T_975_2DF = 4.302652729911275  # the 0.975 quantile of Student's t with 2 degrees of freedom (tables: 4.303)
 REFERENCE = "prune_then_quantize"

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitsWorkspace, create_experiment, write_config
-from jpqbench.cli import main
-from jpqbench.cost import count
-from jpqbench.plan import CompressionPlan, verify_plan
-from jpqbench.registry import DATASETS
+
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import CompressionPlan
+from jpqbench.accounting.verify import verify_plan
+from jpqbench.base.registry import DATASETS
+from jpqbench.pipeline.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def _methods(capsys: pytest.CaptureFixture[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every registered method, once, at budget 0.05 (fp32 without budget)."""
-    from jpqbench.registry import METHODS
+    from jpqbench.base.registry import METHODS
 
     root = tmp_path_factory.mktemp("runs")
     outs = {}
@@ -179,7 +180,7 @@ def _kill_after_first_checkpoint(argv: list[str], checkpoint: Path, cwd: Path, t
     """Start ``jpqbench run`` in a subprocess and SIGKILL it as soon as ``checkpoint`` exists."""
     log = cwd / "killed_run.log"
     with log.open("wb") as stream:
-        process = subprocess.Popen([sys.executable, "-m", "jpqbench.cli", *argv], cwd=cwd,
+        process = subprocess.Popen([sys.executable, "-m", "jpqbench.pipeline.cli", *argv], cwd=cwd,
                                    stdout=stream, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         try:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DigitsWorkspace
-from jpqbench.cli import main
-from jpqbench.quant import UniformQuantizer
-from jpqbench.registry import METHODS
 from simulated_gpu import NAME, OnGPU, simulated_gpu
 from test_device import _argv, _config, _stable
+
+from jpqbench.base.registry import METHODS
+from jpqbench.nn.quant import UniformQuantizer
+from jpqbench.pipeline.cli import main
 
 MISMATCH = "Expected all tensors to be on the same device"
 
@@ -105,13 +105,13 @@ def test_a_run_stopped_on_the_simulated_gpu_resumes_to_the_cpu_result(digits_wor
                                                                       tmp_path: Path) -> None:
     """Stopped right after its first training checkpoint (GPU tensors and the CUDA RNG state in
     it), a two-stage run resumes from that checkpoint on the GPU and ends with the CPU run's result."""
-    import jpqbench.train
+    import jpqbench.harness.train
 
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
     method = "prune_then_quantize"
     assert main(_argv(_config(digits_workspace, tmp_path, "cpu", experiment="cpu"), digits_workspace, method, cpu)) == 0
     argv = _argv(_config(digits_workspace, tmp_path, "cuda", experiment="gpu"), digits_workspace, method, gpu)
-    save = jpqbench.train.atomic.torch_save
+    save = jpqbench.harness.train.atomic.torch_save
 
     def save_then_stop(state: dict, path: Path) -> None:
         save(state, path)
@@ -119,7 +119,7 @@ def test_a_run_stopped_on_the_simulated_gpu_resumes_to_the_cpu_result(digits_wor
 
     with simulated_gpu():
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(jpqbench.train.atomic, "torch_save", save_then_stop)
+            patch.setattr(jpqbench.harness.train.atomic, "torch_save", save_then_stop)
             with pytest.raises(KeyboardInterrupt):
                 main(argv)
         assert (gpu / ".work" / "prune.pt").is_file() and not (gpu / "metrics.json").exists()

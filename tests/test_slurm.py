@@ -42,10 +42,10 @@ from typing import Iterator
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import create_experiment, write_config
+from paths import REPO_ROOT
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = REPO_ROOT
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARK = "jpqbench-test-slurm"  # in the temp dir's name: a link to it is this test's own
 DAEMONS = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "srun"]

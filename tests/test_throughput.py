@@ -3,7 +3,7 @@ reads, and evidence that both loops it times really trained. No timing is assert
 from a toy run on a shared machine mean nothing.
 
 * ``img_per_s`` maps each ``<dataset>/<model>`` to the harness's img/s, and the file is one that
-  ``jpqbench.estimate.read_throughput`` accepts;
+  ``jpqbench.pipeline.estimate.read_throughput`` accepts;
 * every loop (harness and plain, every repeat) ends with a finite loss and changed weights;
 * the ImageNet loader alone is measured at each worker count asked for;
 * the fixtures are what the plugins read, sized for the steps asked for.
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from paths import REPO_ROOT
 
-from jpqbench.estimate import read_throughput
-from jpqbench.registry import DATASETS
+from jpqbench.base.registry import DATASETS
+from jpqbench.pipeline.estimate import read_throughput
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+SCRIPT = REPO_ROOT / "benchmarks" / "throughput.py"
 TOY = ["--batch-size", "4", "--warmup", "1", "--steps", "2", "--repeats", "2", "--threads", "1"]
 
 

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import pytest
 
-from jpqbench.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+from jpqbench.pipeline.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
 DATABASE = "mlflow"
 USER = "jpq"
@@ -152,7 +152,7 @@ def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_a_run_logs_to_the_tracking_server_and_lands_in_postgresql(
         digits_workspace, tracking_server: tuple[str, Path], postgres: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from jpqbench.cli import main
+    from jpqbench.pipeline.cli import main
 
     url, artifact_root = tracking_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

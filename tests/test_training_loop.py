@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from simulated_gpu import OnGPU, count_host_syncs, simulated_gpu
 from torch import nn
 
-import jpqbench.train as train
-from jpqbench.data import DataBundle, TensorSplit
-from jpqbench.train import TrainHooks, TrainSpec, fit
-from simulated_gpu import OnGPU, count_host_syncs, simulated_gpu
+import jpqbench.harness.train as train
+from jpqbench.harness.data import DataBundle, TensorSplit
+from jpqbench.harness.train import TrainHooks, TrainSpec, fit
 
 SAMPLES, BATCH = 64, 8  # 8 steps an epoch
 

@@ -11,11 +11,11 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from jpqbench.cost import count
+from jpqbench.accounting.counter import count
+from jpqbench.accounting.plan import plan_from_model
+from jpqbench.base.registry import MODELS
 from jpqbench.models.zoo import _same_padding
-from jpqbench.plan import plan_from_model
-from jpqbench.prune import ChannelGroups, apply_masks, classifier_name
-from jpqbench.registry import MODELS
+from jpqbench.nn.channel_pruning import ChannelGroups, apply_masks, classifier_name
 
 # natural input shape and number of classes of every zoo model
 SHAPES: dict[str, tuple[int, ...]] = {

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from jpqbench import atomic
-from jpqbench.data import DataBundle
-from jpqbench.evaluate import evaluate
+from jpqbench.accounting.plan import CompressionPlan
+from jpqbench.base import atomic
 from jpqbench.export.artifact import _PREFIX, quantize_activations, read, to_bytes, to_model
 from jpqbench.export.build import build_artifact
 from jpqbench.export.latency import latency_figures
-from jpqbench.plan import CompressionPlan
+from jpqbench.harness.data import DataBundle
+from jpqbench.harness.evaluate import evaluate
 
 ARTIFACT_NAME = "model.jpq"
 ACCURACY_TOLERANCE_PP = 0.1

@@ -57,13 +57,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from jpqbench import atomic
-from jpqbench.errors import UserError
+from jpqbench.base import atomic
+from jpqbench.base.errors import UserError
 from jpqbench.export.packing import pack, packed_size, unpack
 from jpqbench.export.physical import batchnorm_pairs, build, prune_physically, strip_batchnorm
 from jpqbench.export.staircase import Staircase
 from jpqbench.export.tables import decode, encode
-from jpqbench.layers import compressible_layers, make_compressible
+from jpqbench.nn.layers import compressible_layers, make_compressible
 
 MAGIC = b"JPQA"
 VERSION = 1

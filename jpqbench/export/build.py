@@ -36,16 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from jpqbench.cost import input_liveness
-from jpqbench.errors import UserError
+from jpqbench.accounting.counter import input_liveness
+from jpqbench.accounting.plan import CompressionPlan
+from jpqbench.base.errors import UserError
 from jpqbench.export.artifact import FLOAT_BITS, Artifact, LayerRecord
 from jpqbench.export.codes import MAX_QUANT_BITS, layer_grids
+from jpqbench.export.handlers import is_activation_operator
 from jpqbench.export.packing import packed_size
 from jpqbench.export.physical import batchnorm_pairs, fold_batchnorm, fold_factors, plain_model, prune_physically
 from jpqbench.export.staircase import Staircase, staircase_of
 from jpqbench.export.tables import encoded_bits
-from jpqbench.layers import observe_inputs
-from jpqbench.plan import CompressionPlan
+from jpqbench.nn.layers import observe_inputs
 
 _Layer = (nn.Conv2d, nn.Linear)
 
@@ -99,12 +100,11 @@ def _table(name: str, quantizer: nn.Module, bits: int, seen: torch.Tensor) -> St
 
 def _activation_tables(compressed: nn.Module, plan: CompressionPlan, batch: torch.Tensor
                        ) -> tuple[dict[str, Staircase], dict[str, Staircase]]:
-    """Staircases of the layers' input quantizers, and of noncomm's pre-ReLU operators, by module name."""
-    from jpqbench.qsparse import PreActivationReLU
-
+    """Staircases of the layers' input quantizers, and of the activation operators' (noncomm's pre-ReLU
+    operators, see :mod:`jpqbench.export.handlers`), by module name."""
     layers = {name: m for name, m in compressed.named_modules()
               if isinstance(m, _Layer) and not isinstance(getattr(m, "input_quantizer", nn.Identity()), nn.Identity)}
-    operators = {name: m for name, m in compressed.named_modules() if isinstance(m, PreActivationReLU)}
+    operators = {name: m for name, m in compressed.named_modules() if is_activation_operator(m)}
     seen: dict[str, torch.Tensor] = {}
     observe_inputs(compressed, {**layers, **operators}, [batch], lambda name, layer, x: seen.__setitem__(name, x))
     inputs = {name: _table(f"layer {name}'s input", layer.input_quantizer, plan.layers[name].a_bits, seen[name])

@@ -6,7 +6,7 @@ per-channel factor on such a grid), cwmpq's per-channel min/max grids, noncomm's
 power-of-two fixed point -- outputs, per output channel, values ``scale * q`` with integers
 ``q`` spanning at most ``2**bits`` consecutive values. So the export does not ask the
 quantizer for its step: it reads the grid off the *effective* weight the model computes with
-(:meth:`jpqbench.layers._Compressible.effective_weight`), using the plan's bit widths.
+(:meth:`jpqbench.nn.layers._Compressible.effective_weight`), using the plan's bit widths.
 
 Per channel (:func:`channel_grid`): the scale is the smallest gap between the channel's
 distinct values and 0, divided by the smallest ``j`` that puts every value on an integer,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jpqbench.errors import UserError
+from jpqbench.base.errors import UserError
 
 MAX_QUANT_BITS = 16  # larger widths are stored as float32 (32 bits)
 _ZERO_RANGE = (-(2 ** 15), 2 ** 15 - 1)  # zero points are int16
@@ -122,5 +122,5 @@ def layer_grids(name: str, weight: np.ndarray, bits: list[int]) -> list[ChannelG
         except ValueError as error:
             raise UserError(f"layer {name}, output channel {channel}: the weights cannot be stored at the plan's "
                             f"{width} bits ({error})",
-                            "the plan's w_bits must be what the weight quantizer does (see jpqbench/plan.py)") from None
+                            "the plan's w_bits must be what the weight quantizer does (see jpqbench/accounting/plan.py)") from None
     return grids

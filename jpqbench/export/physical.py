@@ -27,10 +27,11 @@ import torch.fx as fx
 import torch_pruning as tp
 from torch import nn
 
-from jpqbench.errors import UserError
-from jpqbench.layers import _mask_output, batchnorm_affine
-from jpqbench.prune import classifier_name
-from jpqbench.registry import MODELS
+from jpqbench.base.errors import UserError
+from jpqbench.base.registry import MODELS
+from jpqbench.export.handlers import is_activation_operator
+from jpqbench.nn.channel_pruning import classifier_name
+from jpqbench.nn.layers import _mask_output, batchnorm_affine
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Layer = (nn.Conv2d, nn.Linear)
@@ -47,8 +48,7 @@ def _check_structure(compressed: nn.Module, plain: nn.Module) -> None:
     Allowed beyond the zoo architecture: the compressible twins of its conv/linear layers with
     their quantizer slots, and noncomm's pre-activation ReLUs with their operator (``pre``).
     """
-    from jpqbench.layers import _Compressible
-    from jpqbench.qsparse import PreActivationReLU
+    from jpqbench.nn.layers import _Compressible
 
     zoo = dict(plain.named_modules())
     slots: list[str] = []
@@ -63,7 +63,7 @@ def _check_structure(compressed: nn.Module, plain: nn.Module) -> None:
         if type(module) is not type(reference):
             if isinstance(module, _Compressible) and isinstance(module, type(reference)):
                 slots += [f"{name}.weight_quantizer", f"{name}.input_quantizer"]
-            elif isinstance(module, PreActivationReLU) and isinstance(reference, (nn.ReLU, nn.ReLU6)):
+            elif is_activation_operator(module) and isinstance(reference, (nn.ReLU, nn.ReLU6)):
                 slots.append(f"{name}.pre")
             else:
                 raise UserError(f"module {name} is a {type(module).__name__} in the compressed model but a "

@@ -1,9 +1,9 @@
 """Activation quantizers as staircases: one representation for every method's input quantizer.
 
 The methods quantize layer inputs with different modules -- uniform min/max or LSQ steps
-(:class:`jpqbench.quant.UniformQuantizer`), GETA/DJPQ's learned step/range/exponent
-(:mod:`jpqbench.learned_quant`), cwmpq's PACT (exported as a uniform quantizer), noncomm's
-power-of-two truncation with a static activation mask (:mod:`jpqbench.qsparse`). In eval mode
+(:class:`jpqbench.nn.quant.UniformQuantizer`), GETA/DJPQ's learned step/range/exponent
+(:mod:`jpqbench.nn.learned_quant`), cwmpq's PACT (exported as a uniform quantizer), noncomm's
+power-of-two truncation with a static activation mask (:mod:`jpqbench.blocks.noncomm.qsparse`). In eval mode
 each is an elementwise, monotone non-decreasing step function ``f`` with at most ``2**a_bits``
 output values, so each is exactly described by its *levels* ``l_0 < ... < l_{L-1}`` and the
 *thresholds* ``t_1 < ... < t_{L-1}`` at which it jumps: ``f(x) = l_i`` for
@@ -26,8 +26,9 @@ import math
 import torch
 from torch import nn
 
-from jpqbench.errors import UserError
-from jpqbench.quant import FLOAT_BITS
+from jpqbench.base.errors import UserError
+from jpqbench.export.handlers import split_mask
+from jpqbench.nn.quant import FLOAT_BITS
 
 _FLOAT_MAX_BITS = 0x7F7FFFFF  # bit pattern of the largest finite float32
 _MAX_CORRECTION_STEPS = 6  # beyond this, Staircase's bucket table is slower than torch.bucketize
@@ -160,22 +161,13 @@ class Staircase(nn.Module):
         return self.levels.index_select(0, self.index(x).reshape(-1)).view(x.shape)
 
 
-def _split_mask(quantizer: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
-    """noncomm's ActivationPQ = a static mask, then a per-tensor quantizer: take them apart."""
-    from jpqbench.qsparse import ActivationPQ
-
-    if isinstance(quantizer, ActivationPQ):
-        return quantizer.quantizer, (quantizer.mask.detach().clone() if quantizer.prunable else None)
-    return quantizer, None
-
-
 CANONICAL_SIZE = 4096
 
 
 def _at_size(quantizer: nn.Module, size: int):
     """``quantizer`` applied elementwise to a 1-D tensor, always inside tensors of ``size`` elements.
 
-    LSQ's step-gradient scaling (:func:`jpqbench.quant.scale_grad`) is applied in eval mode too
+    LSQ's step-gradient scaling (:func:`jpqbench.nn.quant.scale_grad`) is applied in eval mode too
     and depends on the tensor's size: the step, and so the output, moves by a float32 ulp from
     one size to another (the fake-quantized model's own output depends on its batch size at
     that level). The staircase is read at one canonical size, :data:`CANONICAL_SIZE`.
@@ -200,7 +192,7 @@ def staircase_of(what: str, quantizer: nn.Module, a_bits: int, seen: torch.Tenso
     was_training = quantizer.training
     quantizer.eval()
     try:
-        elementwise, mask = _split_mask(quantizer)
+        elementwise, mask = split_mask(quantizer)
         fn = _at_size(elementwise, CANONICAL_SIZE)
         levels, thresholds = find_staircase(fn, 2 ** a_bits)
         table = Staircase(levels, thresholds, mask)

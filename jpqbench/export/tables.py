@@ -28,7 +28,6 @@ from jpqbench.export.codes import MAX_QUANT_BITS, channel_grid
 from jpqbench.export.staircase import Staircase, _from_key, _to_key
 
 
-
 def _predicted(t0: float, step: float, count: int) -> torch.Tensor:
     """float32(t0 + i * step), computed in float64 (deterministic, and close to each threshold)."""
     return torch.from_numpy((t0 + np.arange(count, dtype=np.float64) * step).astype(np.float32))

@@ -20,12 +20,15 @@ torchvision is imported inside the builders that need it: importing it costs sec
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-from jpqbench.registry import register_model
+from jpqbench.base.registry import register_model
+
+# model.pt files written before the layout of issue 20 name the split blocks here
+from jpqbench.nn.activations import SplitReLUBasicBlock as _SplitReLUBasicBlock  # noqa: F401
+from jpqbench.nn.activations import SplitReLUBottleneck as _SplitReLUBottleneck  # noqa: F401
+from jpqbench.nn.activations import split_shared_relus
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
@@ -102,52 +105,6 @@ def _torchvision_model(name: str, num_classes: int) -> nn.Module:
     import torchvision  # lazy: importing torchvision costs seconds per job
 
     return split_shared_relus(getattr(torchvision.models, name)(weights=None, num_classes=num_classes))
-
-
-# ---------------------------------------------------------------- one ReLU module per call site
-class _SplitReLUBasicBlock(nn.Module):
-    """torchvision's ``BasicBlock`` with one ReLU module per call site: ``relu`` after ``bn1``,
-    ``relu_1`` after the residual add (torchvision calls ``relu`` at both)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu_1(out + identity)
-
-
-class _SplitReLUBottleneck(nn.Module):
-    """torchvision's ``Bottleneck`` with one ReLU module per call site: ``relu`` after ``bn1``,
-    ``relu_1`` after ``bn2``, ``relu_2`` after the residual add (torchvision calls ``relu`` at all three)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_1(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
-        return self.relu_2(self.bn3(self.conv3(out)) + identity)
-
-
-def split_shared_relus(model: nn.Module) -> nn.Module:
-    """Give every call site of torchvision's ResNet blocks its own ReLU module, in place.
-
-    torchvision's ``BasicBlock`` and ``Bottleneck`` call one ``relu`` module two or three times;
-    a per-call-site operator (noncomm's activation pruning and quantization) or hook needs one
-    module per site. Each such block gets fresh
-    ``nn.ReLU`` modules ``relu_1`` (and ``relu_2``) beside ``relu``, and its class is swapped for
-    one whose forward computes the same with them -- the way the compressible layers are made:
-    no model rewrite, every conv/linear/BN keeps its name, ReLUs have no state, so
-    ``state_dict`` keys are unchanged and checkpoints load either way. Blocks already split and
-    all other modules are left alone; the model is returned for convenience.
-    """
-    resnet = sys.modules.get("torchvision.models.resnet")  # not imported: no torchvision blocks to split
-    if resnet is None:
-        return model
-    splits = {resnet.BasicBlock: (_SplitReLUBasicBlock, 1), resnet.Bottleneck: (_SplitReLUBottleneck, 2)}
-    for block in [m for m in model.modules() if type(m) in splits]:
-        cls, extra = splits[type(block)]
-        for index in range(1, extra + 1):
-            block.add_module(f"relu_{index}", nn.ReLU(inplace=block.relu.inplace))
-        block.__class__ = cls
-    return model
-
 
 
 @register_model("resnet18")

@@ -1,0 +1,1 @@
+"""Layer 5: code with exactly one user method, one subpackage per method (geta, djpq, ajpq, noncomm)."""

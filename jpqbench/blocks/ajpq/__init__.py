@@ -1,0 +1,1 @@
+"""AJPQ's building blocks: the RL environments, budget wall and policy space (env.py)."""

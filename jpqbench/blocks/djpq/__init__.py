@@ -1,0 +1,1 @@
+"""DJPQ's building block: variational information bottleneck gates (vib.py)."""

@@ -1,0 +1,1 @@
+"""Built-in dataset plugins: one file per dataset, each registered with @register_dataset."""

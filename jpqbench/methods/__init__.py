@@ -1,0 +1,1 @@
+"""Built-in method plugins: one file per method, each registered with @register_method."""

@@ -1,0 +1,1 @@
+"""Layer 1: numeric building blocks with at least two users -- quantizers, compressible layers, channel pruning, uniform quantization."""

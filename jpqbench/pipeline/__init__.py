@@ -1,0 +1,1 @@
+"""Layer 7: running the grid -- runner, grid, tracking, aggregation, report, estimate, re-export, CLI."""
