@@ -8,11 +8,11 @@
 #    harness/plain >= 0.95 for cifar10/resnet20 and imagenet/resnet18; ResNet-18 trains with the
 #    harness's `auto` loader workers, min(8, CPUs - 1)), the ImageNet loader alone at 0, 2 and 8
 #    workers; throughput.json is rewritten after each benchmark, so a cut-short run keeps those done;
-# 3. device_tests: tests/test_device.py, whose CUDA tests skip without a GPU -- among them every
+# 3. device_tests: tests/pipeline/test_device.py, whose CUDA tests skip without a GPU -- among them every
 #    built-in method run through `jpqbench run` on CUDA for a capped number of steps (digits,
 #    2 epochs x 3 steps: plan verified, cost counted, artifact exported, model.pt loadable
 #    without a GPU); its nccl DDP test is left to part 4;
-# 4. ddp_nccl: `jpqbench run --nproc 2` over nccl (tests/test_device.py's DDP test) on two GPUs;
+# 4. ddp_nccl: `jpqbench run --nproc 2` over nccl (tests/pipeline/test_device.py's DDP test) on two GPUs;
 #    skipped, with the reason, on a machine with fewer.
 #
 # Everything goes under ${OUT:-/tmp/device_check}: one log per part, throughput.json and
@@ -100,10 +100,10 @@ part throughput 240 "$HARNESS_MODULES" \
   "$PYTHON" benchmarks/throughput.py --device cuda --repeats 3 --workers 0 2 8 \
   --json "$OUT/throughput.json"
 part device_tests 200 "$TEST_MODULES" \
-  "$PYTHON" -m pytest tests/test_device.py -k "not nccl" -n 0 -q -rs --durations=0 -p no:cacheprovider
+  "$PYTHON" -m pytest tests/pipeline/test_device.py -k "not nccl" -n 0 -q -rs --durations=0 -p no:cacheprovider
 if (($(gpus) >= 2)); then
   part ddp_nccl 120 "$TEST_MODULES" \
-    "$PYTHON" -m pytest tests/test_device.py -k nccl -n 0 -q -rs -p no:cacheprovider
+    "$PYTHON" -m pytest tests/pipeline/test_device.py -k nccl -n 0 -q -rs -p no:cacheprovider
 else
   SUMMARY+=("ddp_nccl: skipped: DDP over nccl needs two GPUs, this machine has $(gpus)")
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system services that the service tests start themselves (tests/test_slurm.py:
-# slurmctld, slurmd, munge; tests/test_tracking_server.py: PostgreSQL's initdb and pg_ctl).
+# Installs the system services that the service tests start themselves (tests/services/test_slurm.py:
+# slurmctld, slurmd, munge; tests/services/test_tracking_server.py: PostgreSQL's initdb and pg_ctl).
 # Idempotent and quiet: with everything present it only looks and returns. It installs with
 # apt-get only as root on a machine that has apt-get; otherwise it says why it skipped, and
 # those tests skip with their reason. A failed install as root fails loudly.

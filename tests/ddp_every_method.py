@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_ddp.py: pretraining, then every built-in method, one after
+"""Run under torchrun by tests/pipeline/test_ddp.py: pretraining, then every built-in method, one after
 the other, in one launch of 2 ranks (start-up paid once), plus ``rank_dependent``, a method whose
 ranks end with different weights, which the harness must refuse. Rank 0 writes
 ``{"pretrain" or method: outcome}`` as JSON.

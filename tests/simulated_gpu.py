@@ -15,7 +15,7 @@ What it stubs (the GPU's runtime, not placement): ``torch.cuda.is_available`` / 
 / ``set_device`` / ``current_device`` / ``get_device_name`` / ``mem_get_info`` / the CUDA RNG
 state, CUDA events (timed by the host's clock), and memory pinning. :func:`count_host_syncs`
 counts the reads that would make the host wait for a real GPU. What it cannot check: CUDA kernels themselves, nccl, streams and timing; those need a
-real GPU (tests/test_device.py's CUDA tests).
+real GPU (tests/pipeline/test_device.py's CUDA tests).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the probability that each input channel is alive (its producer's channel not pru
 precision 0 means "pruned". With one-hot probabilities the figure is the cost of one concrete
 compressed model; the built-in ``size`` and ``bops`` models then equal the harness counter's
 ``weight_bits`` and ``bops`` exactly (same conventions: kept fan-in only, 32-bit biases of kept
-channels, grouped and depthwise convs per group), which ``tests/test_hw_cost.py`` checks.
+channels, grouped and depthwise convs per group), which ``tests/unit/test_hardware_cost.py`` checks.
 
 Built-in models, one file each in ``jpqbench/cost_models/``:
 

@@ -88,7 +88,7 @@ class Digits(DatasetPlugin):
     embedded = True
     num_classes = NUM_CLASSES
     input_shape = (1, 8, 8)
-    # prepare's split of the 1,797 images (module doc); tests/test_estimate.py checks it against a load
+    # prepare's split of the 1,797 images (module doc); tests/unit/test_estimate.py checks it against a load
     split_samples = {"train": 1_221, "val": 216, "test": 360}
 
     def prepare(self, root: Path) -> None:

@@ -273,7 +273,7 @@ class Minispeech(DatasetPlugin):
     embedded = True
     num_classes = 12
     input_shape = (1, 49, 10)
-    # the default build (CLIPS_PER_WORD), counted by loading it; tests/test_estimate.py checks it
+    # the default build (CLIPS_PER_WORD), counted by loading it; tests/unit/test_estimate.py checks it
     split_samples = {"train": 2_876, "val": 347, "test": 379}
 
     def __init__(self, clips_per_word: int = CLIPS_PER_WORD) -> None:

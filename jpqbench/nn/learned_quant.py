@@ -27,7 +27,7 @@ Gradients (``_LearnedQuantFn``), as in upstream GETA (after DJPQ, arXiv 2007.104
 * t: ``sum g * sign(x) * v^t * ln v`` with ``v = min(|x|, q_m)``.
 
 These are the exact gradients of the surrogate in which the rounding offset ``round(u) - u``
-is held at its current value -- that is what tests/test_learned_quant.py checks against
+is held at its current value -- that is what tests/unit/test_learned_quant.py checks against
 central finite differences in float64.
 
 Initialisation (GETA): ``q_m = max|x|`` of the weight (of the calibration inputs for an

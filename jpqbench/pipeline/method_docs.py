@@ -3,7 +3,7 @@
 The docstring is a method's documentation (the docstring rule of docs/adding-a-method.md), so
 the per-method page is rendered from it rather than written beside it, and the two cannot
 drift: ``jpqbench list methods --markdown > docs/methods.md`` writes the page, and
-tests/test_method_docs.py fails when the committed page differs from :func:`render_method_docs`.
+tests/methods/test_method_docs.py fails when the committed page differs from :func:`render_method_docs`.
 
 Docstrings are reST-ish; the rendering turns them into Markdown that reads the same: double
 backticks become single ones, a Sphinx role (class, func, meth, mod, attr, data, ...) becomes
@@ -148,7 +148,7 @@ def render_method_docs(names: Iterable[str] | None = None) -> str:
         "",
         "One section per registered method, generated from its class docstring and its `Hparams` by",
         f"`{COMMAND}`: edit the docstring (`jpqbench/methods/*.py`), not this file,",
-        "and regenerate; `tests/test_method_docs.py` fails when the two differ. Every hyperparameter is",
+        "and regenerate; `tests/methods/test_method_docs.py` fails when the two differ. Every hyperparameter is",
         "set in a config's `method_params` or as a variant `name[key=value]`",
         "([configuration.md](configuration.md)).",
         "",

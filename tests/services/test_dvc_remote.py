@@ -74,7 +74,7 @@ def _staged(repo: Path) -> list[str]:
 @pytest.mark.slow
 def test_prepared_data_travels_through_a_shared_remote_into_a_fresh_clone(tmp_path: Path) -> None:
     clone, store = tmp_path / "clone", tmp_path / "shared-store"
-    origin = _repository(tmp_path / "origin", store, ["dvc.yaml", ".dvcignore", "config", "datasets"])
+    origin = _repository(tmp_path / "origin", store, ["dvc.yaml", ".dvcignore", "config", "jpqbench/datasets"])
     _run(["dvc", "repro", "prepare_digits"], origin)
     _run(["git", "add", "-A"], origin)
     _run(["git", "commit", "-q", "-m", "prepared digits"], origin)

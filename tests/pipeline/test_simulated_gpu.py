@@ -11,7 +11,7 @@
   moves, and a run whose quantizers were never moved to the model's device fails with CUDA's
   message.
 
-What it cannot check -- CUDA kernels, nccl, timings -- tests/test_device.py checks on a real GPU.
+What it cannot check -- CUDA kernels, nccl, timings -- tests/pipeline/test_device.py checks on a real GPU.
 """
 from __future__ import annotations
 
