@@ -20,8 +20,6 @@ from jpqbench import (
     largest_uniform_bits,
     make_compressible,
     plan_from_model,
-    register_activation_operator,
-    register_masked_quantizer,
     register_method,
     shard_steps,
     with_uniform_bits,
@@ -29,7 +27,6 @@ from jpqbench import (
 from jpqbench.blocks.noncomm.qsparse import (
     ActivationPQ,
     Placement,
-    PreActivationReLU,
     WeightPQ,
     cubic_sparsity,
     place_activation_operators,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -178,7 +179,12 @@ def cmd_run(args: argparse.Namespace) -> int | None:
 
 def cmd_cost(args: argparse.Namespace) -> None:
     from jpqbench.accounting.counter import count
-    from jpqbench.accounting.plan import CompressionPlan, PlanMismatch, check_fits, with_uniform_bits
+    from jpqbench.accounting.plan import (
+        CompressionPlan,
+        PlanMismatch,
+        check_fits,
+        with_uniform_bits,
+    )
     from jpqbench.base.registry import DATASETS, MODELS
 
     builder = MODELS.get(args.model)
@@ -386,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as error:
         print(f"error: the run diverged: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `jpqbench list methods -v | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail
+        return 0
     return status or 0
 
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import jpqbench.accounting.hardware as hw_cost
 import jpqbench.base.registry as registry
 from jpqbench.accounting.counter import LayerShape, count, input_liveness
 from jpqbench.accounting.hardware import LayerCostInput, get_cost_model, layer_shapes

@@ -36,7 +36,6 @@ def test_builtin_plugins_are_registered() -> None:
 def test_a_class_carries_its_registered_name_and_file_however_it_is_looked_up() -> None:
     """The name is set at registration: a class taken straight from the registry (not through
     get_method) is complete, and the file it came from is recorded (several methods share one)."""
-    from jpqbench.base.registry import COST_MODELS
 
     assert all(METHODS.get(name).name == name for name in METHODS.names())
     assert all(COST_MODELS.get(name).name == name for name in COST_MODELS.names())
