@@ -237,9 +237,9 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from jpqbench.pipeline.report import render
+    from jpqbench.pipeline.report import PUBLISHED, render
 
-    html = render(Path(args.summary), Path(args.out), Path(args.published), args.reference)
+    html = render(Path(args.summary), Path(args.out), Path(args.published or PUBLISHED), args.reference)
     print(f"wrote {html}")
 
 
@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", help="execute the analysis notebook into an HTML report")
     p.add_argument("--summary", default="results/summary.csv")
     p.add_argument("--out", default="results/report")
-    p.add_argument("--published", default="jpqbench/pipeline/published.csv",
-                   help="published numbers shown beside ours, labelled 'as reported' (default: %(default)s)")
+    p.add_argument("--published", metavar="CSV",
+                   help="published numbers shown beside ours, labelled 'as reported' (default: the table that "
+                        "ships with jpqbench, jpqbench/pipeline/published.csv)")
     p.add_argument("--reference", metavar="METHOD",
                    help="the method every other one is compared with, seed by seed (default: prune_then_quantize)")
     p.set_defaults(func=cmd_report)
