@@ -62,6 +62,18 @@ def run_sequential(model: nn.Module, budget: Budget, ctx: RunContext, order: Lit
 
 
 class _Sequential(Method):
+    """How it meets the budget: weights and activations at ``bits`` (default 8) whatever the
+    budget; the pruning ratio is the smallest (bisection) whose counted cost at those bits is
+    within the target, so the result meets the budget whichever stage comes first. Pruning is
+    structured magnitude pruning (torch-pruning groups: one uniform channel ratio per group,
+    ranked by group L2 magnitude, residual partners together, the classifier's outputs kept);
+    quantization is uniform LSQ, weights symmetric per output channel and layer inputs
+    asymmetric per tensor, steps initialised by min/max calibration on training batches; the
+    first and last layers are quantized like every other layer. The run's epochs are split
+    between the two fine-tunings: ``prune_fraction`` of them (default half) follow the pruning
+    stage, the rest follow the quantization stage.
+    """
+
     order: ClassVar[Literal["pq", "qp"]]
 
     test_hparams = {"calibration_batches": 1}
@@ -80,37 +92,13 @@ class _Sequential(Method):
 
 @register_method("prune_then_quantize")
 class PruneThenQuantize(_Sequential):
-    """Sequential baseline: structured magnitude pruning + fine-tuning, then uniform LSQ quantization + fine-tuning.
-
-    How it meets the budget: weights and activations at ``bits`` (default 8) whatever the
-    budget; the pruning ratio is the smallest (bisection) whose counted cost at those bits is
-    within the target, so the result meets the budget whichever stage comes first. Pruning is
-    structured magnitude pruning (torch-pruning groups: one uniform channel ratio per group,
-    ranked by group L2 magnitude, residual partners together, the classifier's outputs kept);
-    quantization is uniform LSQ, weights symmetric per output channel and layer inputs
-    asymmetric per tensor, steps initialised by min/max calibration on training batches; the
-    first and last layers are quantized like every other layer. The run's epochs are split
-    between the two fine-tunings: ``prune_fraction`` of them (default half) follow the pruning
-    stage, the rest follow the quantization stage.
-    """
+    """Sequential baseline: structured magnitude pruning + fine-tuning, then uniform LSQ quantization + fine-tuning."""
 
     order = "pq"
 
 
 @register_method("quantize_then_prune")
 class QuantizeThenPrune(_Sequential):
-    """Sequential baseline: uniform LSQ quantization + fine-tuning, then structured magnitude pruning + fine-tuning.
-
-    How it meets the budget: weights and activations at ``bits`` (default 8) whatever the
-    budget; the pruning ratio is the smallest (bisection) whose counted cost at those bits is
-    within the target, so the result meets the budget whichever stage comes first. Pruning is
-    structured magnitude pruning (torch-pruning groups: one uniform channel ratio per group,
-    ranked by group L2 magnitude, residual partners together, the classifier's outputs kept);
-    quantization is uniform LSQ, weights symmetric per output channel and layer inputs
-    asymmetric per tensor, steps initialised by min/max calibration on training batches; the
-    first and last layers are quantized like every other layer. The run's epochs are split
-    between the two fine-tunings: ``prune_fraction`` of them (default half) follow the pruning
-    stage, the rest follow the quantization stage.
-    """
+    """Sequential baseline: uniform LSQ quantization + fine-tuning, then structured magnitude pruning + fine-tuning."""
 
     order = "qp"

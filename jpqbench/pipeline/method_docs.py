@@ -112,9 +112,21 @@ def _summary(cls: type) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def method_doc(cls: type) -> str:
+    """The method's docstring, then the docstrings of its own base classes (a family of methods such
+    as ptq/qat writes what its members share once, on their common base), up to ``Method``."""
+    parts = []
+    for klass in cls.__mro__:
+        if klass.__name__ == "Method" and klass.__module__ == "jpqbench.harness.method":
+            break
+        if "__doc__" in vars(klass) and klass.__doc__:
+            parts.append(inspect.cleandoc(klass.__doc__))
+    return "\n\n".join(parts) or "(no docstring)"
+
+
 def method_section(name: str, cls: type, file: str) -> str:
     """The Markdown section of one registered method."""
-    doc = inspect.cleandoc(cls.__doc__ or "") or "(no docstring)"
+    doc = method_doc(cls)
     lines = [f"## {name}", "",
              f"Defined in `{file}` (class `{cls.__name__}`). "
              f"Takes a budget: {_yes_no(cls.takes_budget)}; trains: {_yes_no(cls.trains)}; "
