@@ -1,20 +1,24 @@
-"""Decorator registries for methods, datasets and models, with plugin discovery.
+"""Decorator registries for methods, datasets, models and cost models, with plugin discovery.
 
 Modelled on timm's model registry and benchopt's one-file solvers: a plugin is one file
-that calls ``@register_method("name")`` (or ``register_dataset`` / ``register_model``).
+that calls ``@register_method("name")`` (or ``register_dataset`` / ``register_model`` /
+``register_cost_model``).
 No central list is edited to add one.
 
-Where plugins come from, in order:
+Where plugins come from, in order (:func:`discover_plugins`, the one discovery):
 
-1. the project's plugin folders ``jpqbench/methods/`` and ``jpqbench/datasets/`` (next to the package in a
-   source checkout), loaded by file path -- they are deliberately *not* importable
-   packages, because a top-level package called ``datasets`` would shadow the popular
-   package of that name;
+1. the built-in plugin packages ``jpqbench.models``, ``jpqbench.methods``,
+   ``jpqbench.datasets`` and ``jpqbench.cost_models``: every module in them is imported, so
+   they work the same from a source checkout and from a plain ``pip install .``;
 2. extra folders listed in the environment variable ``JPQBENCH_PLUGIN_PATH``
-   (``os.pathsep``-separated), for a user's own methods kept outside the repository;
+   (``os.pathsep``-separated), for a user's own plugins kept outside the package, each file
+   loaded by path as ``jpqbench_plugins.<folder>.<file>``;
 3. installed third-party packages that declare an entry point in the groups
-   ``jpqbench.methods`` / ``jpqbench.datasets`` (the entry point names a module; importing
-   it registers its plugins).
+   ``jpqbench.models`` / ``jpqbench.methods`` / ``jpqbench.datasets`` /
+   ``jpqbench.cost_models`` (the entry point names a module; importing it registers its plugins).
+
+The built-in packages are named as strings, not imported here, so this torch-free base layer
+depends on none of the layers above it.
 """
 from __future__ import annotations
 

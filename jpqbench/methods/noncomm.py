@@ -65,6 +65,7 @@ def outside_paper_regime(bits: int, w_sparsity: float, a_sparsity: float) -> str
     return (f"the paper ran only {PAPER_BITS}-bit weights and activations with (weight, activation) sparsity "
             f"(0, 0), (0.5, 0) or (0.5, 0.5); this run uses {bits} bits at ({w_sparsity:g}, {a_sparsity:g})")
 
+
 Kind = Literal["prune", "weights", "activations"]
 
 

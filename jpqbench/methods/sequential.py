@@ -1,6 +1,6 @@
 """Sequential two-stage baselines: prune then quantize, and quantize then prune.
 
-Both run :func:`run_sequential`; each class docstring says how it meets the budget.
+Both run :func:`run_sequential`; their common base, ``_Sequential``, says how they meet the budget.
 """
 from __future__ import annotations
 

@@ -50,11 +50,12 @@ def cmd_list(args: argparse.Namespace) -> None:
 
         sys.stdout.write(render_method_docs())
         return
+    from jpqbench.pipeline.method_docs import docstring_summary
+
     registry = {"methods": METHODS, "datasets": DATASETS, "models": MODELS, "cost-models": COST_MODELS}[args.what]
     for name in registry.names():
         obj = registry.get(name)
-        summary = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
-        print(f"{name:24s} {summary}")
+        print(f"{name:24s} {docstring_summary(obj)}")
         if args.verbose and args.what == "methods":
             print(f"{'':24s} defined in {registry.file_of(name)}")
             for field, info in obj.Hparams.model_fields.items():

@@ -334,4 +334,3 @@ def render_slurm(rows: list[Row]) -> str:
         lines += [f"  {runtime.rule}:", f"    runtime: {runtime.minutes}  # longest job: {longest.benchmark} "
                   f"{longest.method}, {_amount(longest.job_hours * 60)} min"]
     return "\n".join(lines)
-

@@ -106,9 +106,9 @@ def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _summary(cls: type) -> str:
-    """The docstring's first line, as ``jpqbench list methods`` shows it."""
-    doc = inspect.cleandoc(cls.__doc__ or "")
+def docstring_summary(obj: object) -> str:
+    """The docstring's first line: what ``jpqbench list`` shows beside a name."""
+    doc = inspect.cleandoc(obj.__doc__ or "")
     return doc.splitlines()[0] if doc else ""
 
 
@@ -167,6 +167,6 @@ def render_method_docs(names: Iterable[str] | None = None) -> str:
         "## Contents",
         "",
     ]
-    header += [f"- [{name}](#{name}) -- {rest_to_markdown(_summary(cls))}" for name, cls in classes.items()]
+    header += [f"- [{name}](#{name}) -- {rest_to_markdown(docstring_summary(cls))}" for name, cls in classes.items()]
     sections = [method_section(name, cls, METHODS.file_of(name)) for name, cls in classes.items()]
     return "\n".join(header) + "\n\n" + "\n".join(sections)

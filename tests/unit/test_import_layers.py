@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,12 @@ def test_old_module_names_resolve_to_the_moved_modules() -> None:
     for old, new in jpqbench.MOVED.items():
         assert importlib.import_module(old) is importlib.import_module(new)
     assert importlib.import_module("jpqbench.layers").CompressibleConv2d.__module__ == "jpqbench.nn.layers"
+    # the split ResNet blocks moved from the zoo (which stays) to nn.activations: an old pickle's
+    # GLOBAL opcode still names them in the zoo
+    from jpqbench.nn.activations import SplitReLUBasicBlock, SplitReLUBottleneck
+
+    for old_name, cls in (("_SplitReLUBasicBlock", SplitReLUBasicBlock), ("_SplitReLUBottleneck", SplitReLUBottleneck)):
+        assert pickle.loads(f"cjpqbench.models.zoo\n{old_name}\n.".encode()) is cls
 
 
 def test_the_base_layer_and_the_report_do_not_import_torch() -> None:
